@@ -1,0 +1,40 @@
+"""Training that survives preemption: declare a step, and the runtime owns the loop."""
+
+from __future__ import annotations
+
+from resumable import errors, testing
+from resumable._runtime import Result, load, run
+from resumable._state import transient
+from resumable._step import Step, step
+from resumable.errors import (
+    ConfigurationError,
+    IncompatibleSnapshotError,
+    NoSnapshotError,
+    ResumableError,
+    SnapshotCorruptError,
+    SnapshotError,
+    StateDefinitionError,
+    StorageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "IncompatibleSnapshotError",
+    "NoSnapshotError",
+    "ResumableError",
+    "Result",
+    "SnapshotCorruptError",
+    "SnapshotError",
+    "StateDefinitionError",
+    "Step",
+    "StorageError",
+    "__version__",
+    "errors",
+    "load",
+    "run",
+    "step",
+    "testing",
+    "transient",
+]

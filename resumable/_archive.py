@@ -1,0 +1,241 @@
+"""
+Whole snapshots on a storage: write one, find and verify the newest, prune.
+
+This is where the snapshot format meets the storage; the loop itself lives in
+``_runtime``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import attrs
+
+from resumable._snapshot import (
+    ATTEMPT_OBJECT,
+    DATA_OBJECT,
+    INDEX_OBJECT,
+    Hasher,
+    Manifest,
+    ObjectInfo,
+    buffer_table,
+    buffer_views,
+    check_compatible,
+    checksum,
+    current_versions,
+    data_chunks,
+    new_snapshot_name,
+    parse_snapshot_name,
+)
+from resumable._storage import Storage
+from resumable.errors import (
+    IncompatibleSnapshotError,
+    SnapshotCorruptError,
+    StorageError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Loaded:
+    """A verified snapshot read into memory."""
+
+    manifest: Manifest
+    tree: dict[str, Any]
+    buffers: list[memoryview]
+
+
+@attrs.frozen
+class Listed:
+    """A committed snapshot as listed: its manifest, or why it has none."""
+
+    name: str
+    manifest: Manifest | None
+    problem: str | None = None
+
+    @property
+    def step(self) -> int:
+        return (
+            self.manifest.step if self.manifest else parse_snapshot_name(self.name) or 0
+        )
+
+    @property
+    def order(self) -> tuple[int, int]:
+        generation = self.manifest.generation if self.manifest else -1
+        return generation, self.step
+
+
+class Archive:
+    """The snapshots of one program on one storage."""
+
+    def __init__(self, storage: Storage, program: str) -> None:
+        self.storage = storage
+        self.program = program
+
+    def listing(self) -> list[Listed]:
+        """Return every committed snapshot, newest first by commit generation."""
+        entries = []
+        for name in self.storage.committed():
+            try:
+                manifest = Manifest.from_bytes(self.storage.read_manifest(name), name)
+            except SnapshotCorruptError as err:
+                entries.append(Listed(name, None, str(err)))
+            except StorageError as err:
+                if not isinstance(err.__cause__, FileNotFoundError):
+                    raise
+                # Deleted by retention between listing and reading.
+            else:
+                entries.append(Listed(name, manifest))
+
+        return sorted(entries, key=lambda entry: entry.order, reverse=True)
+
+    def check_foreign(self, listing: Iterable[Listed]) -> None:
+        """Refuse storage that holds another program's snapshots."""
+        for entry in listing:
+            if entry.manifest and entry.manifest.program != self.program:
+                check_compatible(entry.manifest, self.program, entry.manifest.schema)
+
+    def newest_verified(
+        self, listing: Iterable[Listed], schema: dict[str, Any]
+    ) -> Loaded | None:
+        """
+        Return the newest snapshot of this program that verifies, or None.
+
+        Torn or damaged snapshots are skipped with a warning that says why.
+
+        Raises:
+            IncompatibleSnapshotError: The newest one holds another schema, or
+                snapshots exist and none verifies.
+        """
+        skipped = []
+        for entry in listing:
+            try:
+                if entry.manifest is None:
+                    raise SnapshotCorruptError(entry.problem)
+                check_compatible(entry.manifest, self.program, schema)
+                return self.read(entry.manifest)
+            except SnapshotCorruptError as err:
+                logger.warning("snapshot skipped: name=%s, reason=%s", entry.name, err)
+                skipped.append(entry.name)
+        if skipped:
+            msg = (
+                f"None of the {len(skipped)} snapshots at {self.storage.url} "
+                f"verifies ({', '.join(skipped)}). Nothing was deleted; run with "
+                "--fresh to start over, or restore a good copy."
+            )
+            raise IncompatibleSnapshotError(msg)
+        return None
+
+    def read(self, manifest: Manifest) -> Loaded:
+        """
+        Read a snapshot and check each object's size and checksum.
+
+        Raises:
+            SnapshotCorruptError: Something is missing, short or damaged.
+        """
+        name = manifest.name
+        sizes = self.storage.sizes(name)
+        for object_name, info in manifest.objects.items():
+            found = sizes.get(object_name)
+            if found != info.size:
+                msg = (
+                    f"object {object_name} is {found} bytes, the manifest says "
+                    f"{info.size} (torn or incomplete write)"
+                )
+                raise SnapshotCorruptError(msg)
+        index = self.storage.read(name, INDEX_OBJECT)
+        _check_sum(manifest, INDEX_OBJECT, index)
+        data = bytearray(manifest.objects[DATA_OBJECT].size)
+        self.storage.read_into(name, DATA_OBJECT, data)
+        _check_sum(manifest, DATA_OBJECT, data)
+        try:
+            parsed = json.loads(index)
+            buffers = buffer_views(memoryview(data), parsed["buffers"])
+            tree = parsed["tree"]
+        except (ValueError, KeyError, TypeError) as err:
+            msg = f"index of {name} is unreadable: {err}"
+            raise SnapshotCorruptError(msg) from None
+
+        return Loaded(manifest, tree, buffers)
+
+    def write(
+        self,
+        step: int,
+        generation: int,
+        schema: dict[str, Any],
+        content: tuple[dict[str, Any], list[Any]],
+    ) -> Manifest:
+        """Write and commit a snapshot of ``content``, the tree and its buffers."""
+        tree, buffers = content
+        name = new_snapshot_name(step)
+        attempt = {"program": self.program, "generation": generation}
+        # Invariant: the attempt record comes first, so cleanup can prove ownership.
+        self.storage.write_object(name, ATTEMPT_OBJECT, [json.dumps(attempt).encode()])
+        index = json.dumps({"tree": tree, "buffers": buffer_table(buffers)}).encode()
+        objects = {
+            DATA_OBJECT: self._write(name, DATA_OBJECT, data_chunks(buffers)),
+            INDEX_OBJECT: self._write(name, INDEX_OBJECT, [index]),
+        }
+        manifest = Manifest(
+            name=name,
+            step=step,
+            generation=generation,
+            program=self.program,
+            schema=schema,
+            objects=objects,
+            versions=current_versions(),
+        )
+        # Invariant: the manifest is written last, after every object is durable.
+        self.storage.commit(name, manifest.to_bytes())
+
+        return manifest
+
+    def remove_abandoned(self, generation: int) -> None:
+        """Delete uncommitted attempts of this program from generations up to this."""
+        for name in self.storage.uncommitted():
+            try:
+                attempt = json.loads(self.storage.read(name, ATTEMPT_OBJECT))
+                owned = attempt["program"] == self.program
+                abandoned = owned and int(attempt["generation"]) <= generation
+            except (StorageError, ValueError, KeyError, TypeError):
+                continue
+            if abandoned:
+                logger.debug("abandoned attempt deleted: name=%s", name)
+                self.storage.delete_folder(name)
+
+    def prune(self, keep: int) -> None:
+        """Delete this program's snapshots beyond the ``keep`` newest."""
+        mine = [
+            entry
+            for entry in self.listing()
+            if entry.manifest and entry.manifest.program == self.program
+        ]
+        for entry in mine[keep:]:
+            logger.debug("snapshot deleted: name=%s, reason=keep %d", entry.name, keep)
+            self.storage.delete(entry.name)
+
+    def _write(self, name: str, object_name: str, chunks: Iterable[Any]) -> ObjectInfo:
+        hasher = Hasher()
+
+        def hashed() -> Iterator[Any]:
+            for chunk in chunks:
+                hasher.update(chunk)
+                yield chunk
+
+        size = self.storage.write_object(name, object_name, hashed())
+        return ObjectInfo(size=size, checksum=hasher.hexdigest())
+
+
+def _check_sum(manifest: Manifest, object_name: str, data: Any) -> None:
+    expected = manifest.objects[object_name].checksum
+    found = checksum(data)
+    if found != expected:
+        msg = (
+            f"object {object_name} has checksum {found}, the manifest says {expected} "
+            "(damaged bytes)"
+        )
+        raise SnapshotCorruptError(msg)

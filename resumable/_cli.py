@@ -1,0 +1,247 @@
+"""
+The command line: ``python -m resumable SCRIPT[:STEP] [options] [-- ARGS]`` and
+``python -m resumable ls URL``. Loads the script, configures logging, maps errors
+to exit codes. The only module that prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from resumable._progress import ProgressDisplay
+from resumable._runtime import list_snapshots, run
+from resumable._step import Step
+from resumable.errors import (
+    ConfigurationError,
+    ResumableError,
+    SnapshotError,
+    StateDefinitionError,
+    StorageError,
+)
+
+logger = logging.getLogger(__name__)
+
+# Exit codes; the README's table documents them for schedulers.
+EXIT_FINISHED = 0
+EXIT_PREEMPTED = 1
+EXIT_USAGE = 2
+EXIT_USER_CODE = 3
+EXIT_INCOMPATIBLE = 4
+EXIT_STORAGE = 5
+# Module name under which the user's script is loaded, the same in every run, so
+# that pickles of its classes find them again.
+SCRIPT_MODULE = "__resumable_script__"
+
+_USAGE = """\
+python -m resumable SCRIPT[:STEP] [options] [-- SCRIPT-ARGS]
+       python -m resumable ls URL"""
+
+_EPILOG = """\
+exit codes: 0 finished, 1 preempted (run the same command again), 2 usage error,
+3 the script raised, 4 storage holds incompatible or unusable snapshots,
+5 storage failure"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ours, script_args = _split(argv)
+    if ours[:1] == ["ls"]:
+        return _main_ls(ours[1:])
+    options = _parser().parse_args(ours)
+    _configure_logging(options.verbose - options.quiet)
+    try:
+        step = find_step(options.script, script_args)
+        result = run(
+            step,
+            storage=options.storage,
+            steps=options.steps,
+            every=options.every,
+            keep=options.keep,
+            fresh=options.fresh,
+            progress=ProgressDisplay(sys.stderr),
+        )
+    except ResumableError as err:
+        return _report(err)
+    except Exception:
+        traceback.print_exc()
+        _error("the script raised; its snapshots are intact.")
+        return EXIT_USER_CODE
+
+    return EXIT_FINISHED if result.finished else EXIT_PREEMPTED
+
+
+def find_step(target: str, script_args: Sequence[str] = ()) -> Step[Any]:
+    """
+    Load the script in ``target`` (``path`` or ``path:name``) and return its step.
+
+    Raises:
+        ConfigurationError: No script there, or not exactly one step fits.
+    """
+    path, _, name = target.partition(":")
+    module = load_script(path, script_args)
+    steps = {
+        value.name: value for value in vars(module).values() if isinstance(value, Step)
+    }
+    if name:
+        if name in steps:
+            return steps[name]
+        found = ", ".join(sorted(steps)) or "none"
+        msg = f"{path} has no @resumable.step named {name!r}; found: {found}."
+        raise ConfigurationError(msg)
+    if len(steps) == 1:
+        return next(iter(steps.values()))
+    if not steps:
+        msg = (
+            f"{path} defines no @resumable.step function. Decorate the body of one "
+            "step with @resumable.step(init=..., steps=...)."
+        )
+        raise ConfigurationError(msg)
+    msg = (
+        f"{path} defines several steps ({', '.join(sorted(steps))}). Choose one "
+        f"with {path}:NAME."
+    )
+    raise ConfigurationError(msg)
+
+
+def load_script(path: str, script_args: Sequence[str] = ()) -> ModuleType:
+    """Import the script at ``path`` with ``sys.argv`` set to its own arguments."""
+    if not os.path.isfile(path):
+        msg = f"No script at {path!r}. Give the path of a Python file."
+        raise ConfigurationError(msg)
+    path = os.path.abspath(path)
+    spec = importlib.util.spec_from_file_location(SCRIPT_MODULE, path)
+    if spec is None or spec.loader is None:
+        msg = f"Cannot import {path!r} as a Python script."
+        raise ConfigurationError(msg)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[SCRIPT_MODULE] = module
+    sys.argv = [path, *script_args]
+    sys.path.insert(0, os.path.dirname(path))
+    spec.loader.exec_module(module)
+
+    return module
+
+
+def _split(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1 :]
+    return argv, []
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m resumable",
+        usage=_USAGE,
+        description="Run a @resumable.step script; the same command resumes it.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("script", help="the script, or SCRIPT:STEP to choose a step")
+    parser.add_argument("--storage", metavar="URL", help="fsspec URL or path")
+    parser.add_argument("--steps", type=_count(0), help="steps in all (extends a run)")
+    parser.add_argument("--every", type=_count(1), help="snapshot every N steps")
+    parser.add_argument("--keep", type=_count(1), help="snapshots to keep")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start over; retention removes old ones"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="count", default=0)
+
+    return parser
+
+
+def _count(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            msg = f"{text!r} is not an integer"
+            raise argparse.ArgumentTypeError(msg) from None
+        if value < minimum:
+            msg = f"{value} is below {minimum}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def _main_ls(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m resumable ls",
+        description="List the snapshots at URL and check that each verifies.",
+    )
+    parser.add_argument("url", help="fsspec URL or path of the snapshots")
+    options = parser.parse_args(argv)
+    _configure_logging(-1)
+    try:
+        rows = list_snapshots(options.url)
+    except ResumableError as err:
+        return _report(err)
+    print(f"{'step':>9}  {'created (UTC)':19}  {'size':>9}  status  program / name")
+    for entry, problem in rows:
+        manifest = entry.manifest
+        created = _time(manifest.created) if manifest else "?"
+        size = _size(manifest.size) if manifest else "?"
+        status = "ok" if problem is None else "BAD"
+        program = manifest.program if manifest else "?"
+        columns = f"{entry.step:>9}  {created:19}  {size:>9}  {status:6}"
+        print(f"{columns}  {program} / {entry.name}")
+        if problem is not None:
+            print(f"{'':>9}  why: {problem}")
+    if not rows:
+        print(f"no snapshots at {options.url}")
+
+    return EXIT_FINISHED
+
+
+def _report(err: ResumableError) -> int:
+    _error(str(err))
+    if isinstance(err, ConfigurationError | StateDefinitionError):
+        return EXIT_USAGE
+    if isinstance(err, StorageError):
+        return EXIT_STORAGE
+    if isinstance(err, SnapshotError):
+        return EXIT_INCOMPATIBLE
+    return EXIT_INCOMPATIBLE
+
+
+def _error(message: str) -> None:
+    print(f"resumable: error: {message}", file=sys.stderr)
+
+
+def _configure_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    if verbosity < -1:
+        level = logging.ERROR
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s resumable %(levelname)s %(message)s", "%H:%M:%S")
+    )
+    package = logging.getLogger("resumable")
+    package.handlers[:] = [handler]
+    package.setLevel(level)
+    package.propagate = False
+
+
+def _time(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024  # type: ignore[assignment]  # int becomes float for display
+    return str(size)

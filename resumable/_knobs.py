@@ -1,0 +1,44 @@
+"""Every environment variable that resumable reads, in one place."""
+
+from __future__ import annotations
+
+import os
+
+from resumable.errors import ConfigurationError
+
+# Prefix of every variable; the rest of the name is the option's, in upper case.
+ENV_PREFIX = "RESUMABLE_"
+# Variables that override the decorator and are overridden by the command line.
+STORAGE = ENV_PREFIX + "STORAGE"
+STEPS = ENV_PREFIX + "STEPS"
+EVERY = ENV_PREFIX + "EVERY"
+KEEP = ENV_PREFIX + "KEEP"
+
+
+def env_str(name: str) -> str | None:
+    """Return a variable's value, or None where it is unset or empty."""
+    return os.environ.get(name) or None
+
+
+def env_int(name: str, minimum: int) -> int | None:
+    """
+    Return a variable's integer value, or None where it is unset or empty.
+
+    Raises:
+        ConfigurationError: The value is no integer of at least ``minimum``.
+    """
+    text = env_str(name)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        msg = (
+            f"{name}={text!r} is not an integer. Set it to a whole number or unset it."
+        )
+        raise ConfigurationError(msg) from None
+    if value < minimum:
+        msg = f"{name}={value} is below {minimum}. Set it to {minimum} or more."
+        raise ConfigurationError(msg)
+
+    return value

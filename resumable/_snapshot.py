@@ -1,0 +1,265 @@
+"""
+The snapshot format: names, manifest, checksums. Knows neither torch nor fsspec.
+
+A snapshot named ``step-000000012-<attempt>`` is a folder of payload objects
+(``index.json`` and ``data.bin``) plus, beside the folder, the manifest
+``step-000000012-<attempt>.manifest.json`` that commits it. The manifest lists each
+object's size and checksum; it cannot name anything outside its own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import attrs
+import xxhash
+
+from resumable.errors import IncompatibleSnapshotError, SnapshotCorruptError
+
+# Bumped on any change a reader of an older version would misread.
+FORMAT_VERSION = 1
+# Suffix of the file whose presence commits a snapshot.
+MANIFEST_SUFFIX = ".manifest.json"
+# The tree of the state, with JSON values inline and references into the data object.
+INDEX_OBJECT = "index.json"
+# Raw tensor and array bytes, then pickles, each aligned to _ALIGNMENT.
+DATA_OBJECT = "data.bin"
+# Written first into an attempt's folder, so that cleanup can prove who made it.
+ATTEMPT_OBJECT = "attempt.json"
+# Name of the checksum recorded for every object.
+CHECKSUM_ALGORITHM = "xxh3_64"
+# Byte alignment of each buffer in the data object, so that views of it are aligned.
+ALIGNMENT = 64
+
+_NAME = re.compile(r"^step-(\d{9,})-([0-9a-f]{12})$")
+_OBJECT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def new_snapshot_name(step: int) -> str:
+    """Return a name for a new attempt at a snapshot after ``step`` steps."""
+    return f"step-{step:09d}-{uuid.uuid4().hex[:12]}"
+
+
+def parse_snapshot_name(name: str) -> int | None:
+    """Return the step in a snapshot name, or None for names that are not ours."""
+    match = _NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+class Hasher:
+    """Incremental checksum of the bytes of one object."""
+
+    def __init__(self) -> None:
+        self._hash = xxhash.xxh3_64()
+
+    def update(self, data: Any) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def checksum(data: Any) -> str:
+    """Return the checksum of a bytes-like object."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+@attrs.frozen
+class ObjectInfo:
+    """Size and checksum of one payload object."""
+
+    size: int
+    checksum: str
+
+
+@attrs.frozen
+class Manifest:
+    """The record that commits a snapshot."""
+
+    name: str
+    step: int
+    generation: int
+    program: str
+    schema: dict[str, Any]
+    objects: dict[str, ObjectInfo]
+    created: float = attrs.Factory(time.time)
+    versions: dict[str, str] = attrs.Factory(dict)
+    format_version: int = FORMAT_VERSION
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+
+    @property
+    def size(self) -> int:
+        return sum(info.size for info in self.objects.values())
+
+    def to_bytes(self) -> bytes:
+        record = attrs.asdict(self, recurse=True)
+        return json.dumps(record, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str) -> Manifest:
+        """
+        Parse and check a manifest read from the file for snapshot ``name``.
+
+        Raises:
+            SnapshotCorruptError: The bytes are no manifest of ours, or name objects
+                outside the snapshot.
+            IncompatibleSnapshotError: A newer format version wrote it.
+        """
+        try:
+            record = json.loads(data)
+            version = record["format_version"]
+        except (ValueError, KeyError, TypeError) as err:
+            msg = f"Manifest of {name} is not readable JSON of resumable: {err}."
+            raise SnapshotCorruptError(msg) from None
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            msg = (
+                f"Snapshot {name} has format version {version!r}, newer than the "
+                f"{FORMAT_VERSION} this resumable reads. Upgrade resumable to load it."
+            )
+            raise IncompatibleSnapshotError(msg)
+        try:
+            manifest = _manifest_from_record(record)
+        except (KeyError, TypeError, ValueError) as err:
+            msg = f"Manifest of {name} is malformed: {err!r}."
+            raise SnapshotCorruptError(msg) from None
+        _check_manifest(manifest, name)
+
+        return manifest
+
+
+def _manifest_from_record(record: Mapping[str, Any]) -> Manifest:
+    objects = {
+        str(key): ObjectInfo(size=int(value["size"]), checksum=str(value["checksum"]))
+        for key, value in record["objects"].items()
+    }
+    return Manifest(
+        name=str(record["name"]),
+        step=int(record["step"]),
+        generation=int(record["generation"]),
+        program=str(record["program"]),
+        schema=dict(record["schema"]),
+        objects=objects,
+        created=float(record["created"]),
+        versions={str(k): str(v) for k, v in record["versions"].items()},
+        format_version=int(record["format_version"]),
+        checksum_algorithm=str(record["checksum_algorithm"]),
+    )
+
+
+def _check_manifest(manifest: Manifest, name: str) -> None:
+    problems = []
+    if manifest.name != name:
+        problems.append(f"it names snapshot {manifest.name!r}")
+    if parse_snapshot_name(name) != manifest.step:
+        problems.append(f"its step {manifest.step} does not match the name")
+    if manifest.checksum_algorithm != CHECKSUM_ALGORITHM:
+        problems.append(f"unknown checksum {manifest.checksum_algorithm!r}")
+    for object_name, info in manifest.objects.items():
+        # Invariant: objects are plain names inside the snapshot's own folder.
+        if not _OBJECT_NAME.match(object_name) or ".." in object_name:
+            problems.append(f"object name {object_name!r} is not a plain file name")
+        if info.size < 0:
+            problems.append(f"object {object_name!r} has negative size")
+    for required in (INDEX_OBJECT, DATA_OBJECT):
+        if required not in manifest.objects:
+            problems.append(f"object {required!r} is missing")
+    if problems:
+        msg = f"Manifest of {name} is invalid: {'; '.join(problems)}."
+        raise SnapshotCorruptError(msg)
+
+
+def check_compatible(
+    manifest: Manifest, program: str, schema: Mapping[str, Any]
+) -> None:
+    """
+    Refuse a snapshot of another program or another state schema.
+
+    Raises:
+        IncompatibleSnapshotError: The snapshot belongs to something else.
+    """
+    if manifest.program != program:
+        msg = (
+            f"The storage holds snapshot {manifest.name} of program "
+            f"{manifest.program!r}, not of {program!r}. Give this run its own "
+            "storage (--storage), or remove that program's snapshots."
+        )
+        raise IncompatibleSnapshotError(msg)
+    if dict(manifest.schema) != dict(schema):
+        msg = (
+            f"Snapshot {manifest.name} holds a state of another schema: "
+            f"{describe_schema_change(manifest.schema, schema)}. Start over with "
+            "--fresh, or use another --storage."
+        )
+        raise IncompatibleSnapshotError(msg)
+
+
+def describe_schema_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """Say in words how two state schemas differ."""
+    if old.get("class") != new.get("class"):
+        return f"class {old.get('class')!r} in the snapshot, {new.get('class')!r} now"
+    old_fields, new_fields = set(old.get("fields", ())), set(new.get("fields", ()))
+    parts = []
+    if new_fields - old_fields:
+        parts.append(f"fields added: {', '.join(sorted(new_fields - old_fields))}")
+    if old_fields - new_fields:
+        parts.append(f"fields removed: {', '.join(sorted(old_fields - new_fields))}")
+
+    return "; ".join(parts) or "field order or kinds changed"
+
+
+def current_versions() -> dict[str, str]:
+    """Versions of what reads and writes snapshots, recorded in each manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": sys.version.split()[0]}
+    for package in ("resumable", "torch", "cloudpickle", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "unknown"
+
+    return versions
+
+
+def buffer_table(buffers: Sequence[Any]) -> list[list[int]]:
+    """Return ``[offset, size]`` of each buffer in the data object, aligned."""
+    table, offset = [], 0
+    for buffer in buffers:
+        size = memoryview(buffer).nbytes
+        table.append([offset, size])
+        offset += size + (-size % ALIGNMENT)
+
+    return table
+
+
+def data_chunks(buffers: Sequence[Any]) -> Iterator[Any]:
+    """Yield the data object's bytes: each buffer, then padding to the alignment."""
+    padding = bytes(ALIGNMENT)
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        yield view
+        if -view.nbytes % ALIGNMENT:
+            yield padding[: -view.nbytes % ALIGNMENT]
+
+
+def buffer_views(data: memoryview, table: Sequence[Sequence[int]]) -> list[memoryview]:
+    """
+    Return views of each buffer in the data object.
+
+    Raises:
+        SnapshotCorruptError: The table points outside the data.
+    """
+    views = []
+    for offset, size in table:
+        if offset < 0 or size < 0 or offset + size > data.nbytes:
+            msg = f"Buffer at {offset}+{size} lies outside the {data.nbytes}-byte data."
+            raise SnapshotCorruptError(msg)
+        views.append(data[offset : offset + size])
+
+    return views

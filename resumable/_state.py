@@ -1,0 +1,124 @@
+"""
+The user's state object: declaration checks, schema, and the whole snapshot tree.
+
+The tree of a snapshot holds the state's fields, the global RNGs and the metric
+history; ``_codec`` does the encoding of each value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from resumable._codec import (
+    TRANSIENT_KEY,
+    Decoder,
+    Encoder,
+    restore_fields,
+    snapshot_fields,
+)
+from resumable._rng import capture_global_rngs, restore_global_rngs
+from resumable.errors import IncompatibleSnapshotError, StateDefinitionError
+
+Metrics = dict[str, float]
+
+
+def transient(default: Any = None, *, factory: Callable[[], Any] | None = None) -> Any:
+    """
+    Declare an attrs field that ``init()`` rebuilds and snapshots never hold.
+
+    Use it for data loaders, file handles, loggers and anything else that is made
+    anew, not restored.
+
+    Args:
+        default: The field's default value.
+        factory: A callable that makes the default instead, as in attrs.Factory.
+
+    Returns:
+        An attrs field definition.
+    """
+    metadata = {TRANSIENT_KEY: True}
+    if factory is not None:
+        return attrs.field(factory=factory, metadata=metadata)
+    return attrs.field(default=default, metadata=metadata)
+
+
+def check_state(state: Any, origin: str) -> None:
+    """
+    Check that ``state`` is an instance of an attrs class.
+
+    Raises:
+        StateDefinitionError: It is not.
+    """
+    if not attrs.has(type(state)):
+        msg = (
+            f"{origin} returned a {type(state).__name__}, not an instance of an attrs "
+            "class. Declare the state with @attrs.define and return an instance."
+        )
+        raise StateDefinitionError(msg)
+
+
+def schema(state: Any) -> dict[str, Any]:
+    """Return what identifies the shape of a state: its class and snapshot fields."""
+    fields = [field.name for field in snapshot_fields(type(state))]
+    return {"class": type(state).__qualname__, "fields": fields}
+
+
+def encode_snapshot(
+    state: Any, history: Sequence[Metrics | None], *, dry_run: bool = False
+) -> tuple[dict[str, Any], list[Any]]:
+    """
+    Return the JSON tree and raw buffers of a snapshot of ``state``.
+
+    With ``dry_run`` the buffers are not materialised; the call only proves that
+    every field can be captured.
+
+    Raises:
+        StateDefinitionError: A field holds something that cannot be captured.
+    """
+    encoder = Encoder(dry_run=dry_run)
+    fields = {
+        field.name: encoder.encode(getattr(state, field.name), f"state.{field.name}")
+        for field in snapshot_fields(type(state))
+    }
+    tree = {
+        "state": fields,
+        "rng": encoder.encode(capture_global_rngs(), "global random generators"),
+        "history": list(history),
+    }
+
+    return tree, encoder.buffers
+
+
+def decode_snapshot(
+    state: Any, tree: dict[str, Any], buffers: Sequence[memoryview]
+) -> list[Metrics | None]:
+    """
+    Restore ``state`` and the global RNGs from a snapshot; return its history.
+
+    Raises:
+        IncompatibleSnapshotError: The snapshot does not fit this state.
+    """
+    try:
+        fields, rng, history = tree["state"], tree["rng"], tree["history"]
+    except (KeyError, TypeError):
+        msg = "The snapshot's index lacks the state, the RNGs or the history."
+        raise IncompatibleSnapshotError(msg) from None
+    decoder = Decoder(buffers)
+    restore_fields(decoder, state, fields, "state")
+    restore_global_rngs(decoder.decode(rng, None, "global random generators"))
+
+    return list(history)
+
+
+def check_capturable(state: Any) -> None:
+    """Prove before any training that every field of ``state`` can be captured."""
+    try:
+        encode_snapshot(state, [], dry_run=True)
+    except StateDefinitionError:
+        raise
+    except Exception as err:
+        msg = f"Capturing the state failed: {type(err).__name__}: {err}"
+        raise StateDefinitionError(msg) from err

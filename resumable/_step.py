@@ -1,0 +1,125 @@
+"""The ``@resumable.step`` decorator: one epoch's body and how it is to be run."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from resumable.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from resumable._runtime import Result
+
+StateT = TypeVar("StateT")
+StepFunction = Callable[[StateT, int], Mapping[str, Any] | None]
+
+# Folder, next to the script, that holds runs given no storage URL.
+DEFAULT_FOLDER = ".resumable"
+
+
+class Step(Generic[StateT]):
+    """
+    A step function with the settings of its run.
+
+    Calling it runs the body once, as a plain function; ``run()`` runs the loop.
+    """
+
+    def __init__(
+        self,
+        function: StepFunction[StateT],
+        *,
+        init: Callable[[], StateT],
+        steps: int,
+        every: int = 1,
+        keep: int = 3,
+        storage: str | None = None,
+    ) -> None:
+        if not callable(init):
+            msg = f"init must be a function that builds the state, not {init!r}."
+            raise ConfigurationError(msg)
+        check_count("steps", steps, 0)
+        check_count("every", every, 1)
+        check_count("keep", keep, 1)
+        self.function = function
+        self.init = init
+        self.steps = steps
+        self.every = every
+        self.keep = keep
+        self.storage = storage
+        functools.update_wrapper(self, function)
+
+    def __call__(self, state: StateT, step: int) -> Mapping[str, Any] | None:
+        return self.function(state, step)
+
+    def __repr__(self) -> str:
+        return f"<resumable.step {self.program} steps={self.steps}>"
+
+    @property
+    def name(self) -> str:
+        return str(self.function.__qualname__)
+
+    @property
+    def program(self) -> str:
+        """What identifies this step's snapshots: the script's file name and step."""
+        return f"{os.path.basename(self.source_file)}:{self.name}"
+
+    @property
+    def source_file(self) -> str:
+        return inspect.getfile(self.function)
+
+    def default_storage(self) -> str:
+        """Return the storage used where none is given: a folder by the script."""
+        script = os.path.abspath(self.source_file)
+        stem = os.path.splitext(os.path.basename(script))[0]
+        folder = os.path.join(os.path.dirname(script), DEFAULT_FOLDER)
+        return os.path.join(folder, f"{stem}.{self.name}")
+
+    def run(self, **options: Any) -> Result[StateT]:
+        """Run the loop; takes the options of ``resumable.run``."""
+        from resumable._runtime import run
+
+        return run(self, **options)
+
+
+def step(
+    *,
+    init: Callable[[], StateT],
+    steps: int,
+    every: int = 1,
+    keep: int = 3,
+    storage: str | None = None,
+) -> Callable[[StepFunction[StateT]], Step[StateT]]:
+    """
+    Declare the body of one step (one epoch, say) of a resumable run.
+
+    Args:
+        init: Builds a fresh state, an instance of an attrs class.
+        steps: How many steps the run has; the body runs for 0 .. steps - 1.
+        every: Snapshot after every this many steps (and after the last).
+        keep: How many of the newest snapshots to keep.
+        storage: An fsspec URL or path for snapshots; by default a folder next to
+            the script.
+
+    Returns:
+        A decorator that turns the function into a ``Step``.
+
+    Raises:
+        ConfigurationError: An argument is out of range.
+    """
+
+    def decorate(function: StepFunction[StateT]) -> Step[StateT]:
+        return Step(
+            function, init=init, steps=steps, every=every, keep=keep, storage=storage
+        )
+
+    return decorate
+
+
+def check_count(name: str, value: object, minimum: int) -> None:
+    """Raise ConfigurationError unless ``value`` is an int of at least ``minimum``."""
+    if type(value) is not int or value < minimum:
+        msg = f"{name} must be an integer of at least {minimum}, not {value!r}."
+        raise ConfigurationError(msg)

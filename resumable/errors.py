@@ -1,0 +1,58 @@
+"""
+Public exception tree of resumable.
+
+    ResumableError (Exception)
+    ├── ConfigurationError (ValueError)       bad argument, option or variable
+    ├── StateDefinitionError (TypeError)      a state or field that cannot be captured
+    ├── SnapshotError
+    │   ├── SnapshotCorruptError (ValueError) a snapshot that fails verification
+    │   ├── IncompatibleSnapshotError (ValueError)
+    │   │                                     another program's, schema's or format's
+    │   └── NoSnapshotError (LookupError)     nothing committed to load
+    └── StorageError (OSError)                storage unreachable, failing or full
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "IncompatibleSnapshotError",
+    "NoSnapshotError",
+    "ResumableError",
+    "SnapshotCorruptError",
+    "SnapshotError",
+    "StateDefinitionError",
+    "StorageError",
+]
+
+
+class ResumableError(Exception):
+    """Root of every error that resumable raises on purpose."""
+
+
+class ConfigurationError(ResumableError, ValueError):
+    """An argument, command-line option or environment variable is invalid."""
+
+
+class StateDefinitionError(ResumableError, TypeError):
+    """The state class, or a value held in it, cannot be snapshotted."""
+
+
+class SnapshotError(ResumableError):
+    """A snapshot cannot be used."""
+
+
+class SnapshotCorruptError(SnapshotError, ValueError):
+    """A committed snapshot fails verification (size, checksum or structure)."""
+
+
+class IncompatibleSnapshotError(SnapshotError, ValueError):
+    """The storage holds snapshots that this program must not load or overwrite."""
+
+
+class NoSnapshotError(SnapshotError, LookupError):
+    """The storage holds no committed snapshot of this program."""
+
+
+class StorageError(ResumableError, OSError):
+    """The storage could not be reached, read or written."""

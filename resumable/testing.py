@@ -1,0 +1,242 @@
+"""
+Helpers for testing steps and resume, with pytest or without.
+
+    result = run_steps(train, 5)                  # 5 steps on in-memory storage
+    assert_resumes_identically(train, kill_after=[3, 7], steps=10)
+    assert_states_equal(expected_state, actual_state)
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from resumable._codec import Encoder, Node, snapshot_fields
+from resumable._rng import seed_global_rngs
+from resumable._runtime import Result, Runtime, Settings
+from resumable._step import Step
+from resumable._storage import Storage
+
+__all__ = [
+    "assert_resumes_identically",
+    "assert_states_equal",
+    "diff_states",
+    "memory_storage",
+    "run_killed",
+    "run_steps",
+]
+
+StateT = TypeVar("StateT")
+
+
+def memory_storage() -> str:
+    """Return a new, empty in-memory storage URL."""
+    return f"memory://resumable-testing/{uuid.uuid4().hex}"
+
+
+def run_steps(
+    step: Step[StateT],
+    steps: int | None = None,
+    *,
+    storage: str | None = None,
+    every: int | None = None,
+    seed: int = 0,
+) -> Result[StateT]:
+    """
+    Run ``step`` for ``steps`` steps (the decorator's count by default).
+
+    The global RNGs are seeded with ``seed`` first, and storage is a fresh
+    in-memory one unless given.
+    """
+    return run_killed(step, None, steps=steps, storage=storage, every=every, seed=seed)
+
+
+def run_killed(
+    step: Step[StateT],
+    kill_after: int | None,
+    *,
+    steps: int | None = None,
+    storage: str | None = None,
+    every: int | None = None,
+    seed: int = 0,
+) -> Result[StateT]:
+    """
+    Run ``step`` and stop after step ``kill_after`` as if the process died there.
+
+    What was committed by then stays on the storage; the rest is lost, as in a
+    SIGKILL. With ``kill_after`` None the run goes to the end.
+    """
+    settings = Settings.resolve(
+        step, storage=storage or memory_storage(), steps=steps, every=every
+    )
+    runtime = Runtime(step, settings, Storage.open(settings.storage))
+    runtime.stop_after = kill_after
+    seed_global_rngs(seed)
+
+    return runtime.run()
+
+
+def assert_resumes_identically(
+    step: Step[Any],
+    *,
+    kill_after: Iterable[int],
+    steps: int | None = None,
+    every: int | None = None,
+    seed: int = 0,
+) -> None:
+    """
+    Assert that a run killed after each of ``kill_after`` and resumed ends equal.
+
+    Equal means the same state, tensor by tensor and bit by bit, and the same
+    metric history, as an uninterrupted run. Every incarnation starts with the
+    global RNGs seeded with ``seed``; a resume that failed to restore them would
+    continue from that seed, not from where the killed run was.
+
+    Raises:
+        AssertionError: With a readable list of what differs.
+    """
+    expected = run_steps(step, steps, every=every, seed=seed)
+    storage = memory_storage()
+    for kill in kill_after:
+        run_killed(step, kill, steps=steps, storage=storage, every=every, seed=seed)
+    actual = run_steps(step, steps, storage=storage, every=every, seed=seed)
+    problems = diff_states(expected.state, actual.state)
+    if expected.history != actual.history:
+        problems.append(
+            f"history: expected {expected.history!r}, got {actual.history!r}"
+        )
+    if problems:
+        report = "\n  ".join(problems)
+        msg = f"Resumed run differs from the uninterrupted one:\n  {report}"
+        raise AssertionError(msg)
+
+
+def assert_states_equal(expected: Any, actual: Any) -> None:
+    """
+    Assert that two states are equal in every snapshotted field, bit by bit.
+
+    Raises:
+        AssertionError: With a readable list of what differs.
+    """
+    problems = diff_states(expected, actual)
+    if problems:
+        msg = "States differ:\n  " + "\n  ".join(problems)
+        raise AssertionError(msg)
+
+
+def diff_states(expected: Any, actual: Any) -> list[str]:
+    """Return a line for each difference between two states; empty when equal."""
+    if type(expected) is not type(actual):
+        return [f"state: {type(expected).__name__} vs {type(actual).__name__}"]
+    left, right = Encoder(), Encoder()
+    problems: list[str] = []
+    for field in snapshot_fields(type(expected)):
+        path = f"state.{field.name}"
+        nodes = (
+            left.encode(getattr(expected, field.name), path),
+            right.encode(getattr(actual, field.name), path),
+        )
+        _diff(nodes, (left.buffers, right.buffers), path, problems)
+
+    return problems
+
+
+def _diff(
+    nodes: tuple[Node, Node],
+    buffers: tuple[Sequence[Any], Sequence[Any]],
+    path: str,
+    problems: list[str],
+) -> None:
+    left, right = nodes
+    if left.get("k") != right.get("k"):
+        problems.append(f"{path}: {left.get('k')} vs {right.get('k')}")
+        return
+    if "b" in left:
+        _diff_buffer(left, right, buffers, path, problems)
+    for key in sorted(set(left) | set(right) - {"b"}):
+        one, two = left.get(key), right.get(key)
+        if isinstance(one, dict) and isinstance(two, dict) and "k" in one:
+            _diff((one, two), buffers, _child(path, key), problems)
+        elif key == "fields" and isinstance(one, dict) and isinstance(two, dict):
+            for name in sorted(set(one) | set(two)):
+                if name not in one or name not in two:
+                    problems.append(f"{path}.{name}: missing on one side")
+                else:
+                    _diff((one[name], two[name]), buffers, f"{path}.{name}", problems)
+        elif key == "items" and isinstance(one, list) and isinstance(two, list):
+            _diff_items(one, two, buffers, path, problems)
+        elif _json(one) != _json(two):
+            problems.append(f"{path}{_child('', key)}: {one!r} != {two!r}")
+
+
+def _diff_items(
+    left: list[Any],
+    right: list[Any],
+    buffers: tuple[Sequence[Any], Sequence[Any]],
+    path: str,
+    problems: list[str],
+) -> None:
+    if len(left) != len(right):
+        problems.append(f"{path}: {len(left)} items vs {len(right)}")
+        return
+    for index, (one, two) in enumerate(zip(left, right, strict=True)):
+        if isinstance(one, list):  # a dict's [key, value] pair
+            label = _json(one[0].get("v", index))
+            _diff((one[0], two[0]), buffers, f"{path} key {label}", problems)
+            _diff((one[1], two[1]), buffers, f"{path}[{label}]", problems)
+        else:
+            _diff((one, two), buffers, f"{path}[{index}]", problems)
+
+
+def _diff_buffer(
+    left: Node,
+    right: Node,
+    buffers: tuple[Sequence[Any], Sequence[Any]],
+    path: str,
+    problems: list[str],
+) -> None:
+    one = bytes(memoryview(buffers[0][left["b"]]).cast("B"))
+    two = bytes(memoryview(buffers[1][right["b"]]).cast("B"))
+    if one == two or left.get("dtype") != right.get("dtype"):
+        return
+    if left["k"] == "pickle":
+        problems.append(f"{path}: pickled values differ")
+        return
+    count, largest = _numeric_difference(one, two, left)
+    problems.append(
+        f"{path}: {count} of {left.get('shape')} elements differ"
+        + (f", largest difference {largest:.6g}" if largest is not None else "")
+    )
+
+
+def _numeric_difference(one: bytes, two: bytes, node: Node) -> tuple[int, float | None]:
+    if len(one) != len(two):
+        return -1, None
+    if node["k"] == "tensor":
+        dtype = getattr(torch, node["dtype"])
+        a = torch.frombuffer(bytearray(one), dtype=torch.uint8).view(dtype)
+        b = torch.frombuffer(bytearray(two), dtype=torch.uint8).view(dtype)
+        differs = a != b
+        largest = None
+        if dtype.is_floating_point:
+            largest = float((a.double() - b.double()).abs().nan_to_num().max())
+        return int(differs.sum()), largest
+    array_one = np.frombuffer(one, dtype=np.dtype(node["dtype"]))
+    array_two = np.frombuffer(two, dtype=np.dtype(node["dtype"]))
+    return int((array_one != array_two).sum()), None
+
+
+def _child(path: str, key: str) -> str:
+    return (
+        path if key in ("v", "state", "fields", "items", "plain") else f"{path}.{key}"
+    )
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=repr)
