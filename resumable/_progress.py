@@ -22,7 +22,8 @@ class ProgressDisplay:
     def __call__(self, done: int, total: int, metrics: dict[str, float] | None) -> None:
         now = time.monotonic()
         if self._first is None:
-            self._first = done - 1
+            # The rate counts from the first step shown: start-up is not a step.
+            self._first, self._started = done, now
         last = done >= total
         if not self._live and not last and now - self._printed < _LINE_INTERVAL:
             return

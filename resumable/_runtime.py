@@ -26,7 +26,12 @@ from resumable._state import (
 )
 from resumable._step import Step, check_count
 from resumable._storage import Storage
-from resumable.errors import ConfigurationError, NoSnapshotError
+from resumable.errors import (
+    ConfigurationError,
+    NoSnapshotError,
+    SnapshotError,
+    StorageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +171,7 @@ def list_snapshots(
         if entry.manifest is not None:
             try:
                 archive.read(entry.manifest)
-            except Exception as err:
+            except (SnapshotError, StorageError) as err:
                 problem = str(err)
         rows.append((entry, problem))
 

@@ -1,0 +1,131 @@
+"""
+Durable save and restore of a flat state: resumable against raw writes and torch.save.
+
+    python benchmarks/bench_snapshot.py [--mib 256] [--tensors 16] [--repeat 3]
+
+Prints seconds (best of --repeat) and each method's ratio to the raw floor, measured
+side by side in one run, on the local disk under a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+
+import attrs
+import torch
+
+from resumable._archive import Archive
+from resumable._state import decode_snapshot, encode_snapshot, schema
+from resumable._storage import Storage
+
+
+@attrs.define
+class FlatState:
+    tensors: list[torch.Tensor]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--tensors", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3)
+    options = parser.parse_args()
+    torch.manual_seed(0)
+    count = options.mib * 2**20 // 4 // options.tensors
+    state = FlatState([torch.randn(count) for _ in range(options.tensors)])
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+    )
+    print(f"state: {options.tensors} float32 tensors, {options.mib} MiB in all")
+    with tempfile.TemporaryDirectory(dir=os.getcwd()) as folder:
+        rows = measure(state, folder, options.repeat)
+    floor_save, floor_load = rows[0][1], rows[0][2]
+    print(
+        f"{'method':34} {'save s':>8} {'x floor':>8} {'restore s':>10} {'x floor':>8}"
+    )
+    for name, save, load in rows:
+        print(
+            f"{name:34} {save:8.3f} {save / floor_save:8.2f} "
+            f"{load:10.3f} {load / floor_load:8.2f}"
+        )
+
+
+def measure(
+    state: FlatState, folder: str, repeat: int
+) -> list[tuple[str, float, float]]:
+    raw_path = os.path.join(folder, "raw.bin")
+    torch_path = os.path.join(folder, "torch.pt")
+    archive = Archive(Storage.open(os.path.join(folder, "snapshots")), "bench")
+    manifests = []
+
+    def resumable_save() -> None:
+        content = encode_snapshot(state, [])
+        manifests.append(archive.write(1, len(manifests) + 1, schema(state), content))
+
+    def resumable_load() -> None:
+        loaded = archive.read(manifests[-1])
+        decode_snapshot(state, loaded.tree, loaded.buffers)
+
+    methods = {
+        "raw bytes + fsync (floor)": (
+            lambda: raw_save(state, raw_path),
+            lambda: raw_load(state, raw_path),
+        ),
+        "torch.save + fsync / torch.load": (
+            lambda: torch_save(state, torch_path),
+            lambda: torch_load(state, torch_path),
+        ),
+        "resumable (checksums, commit)": (resumable_save, resumable_load),
+    }
+    times: dict[str, tuple[list[float], list[float]]] = {
+        name: ([], []) for name in methods
+    }
+    # Interleaved, so that a noisy neighbour slows every method alike.
+    for _ in range(repeat):
+        for name, (save, load) in methods.items():
+            times[name][0].append(timed(save))
+            times[name][1].append(timed(load))
+            archive.prune(1)
+
+    return [(name, min(saves), min(loads)) for name, (saves, loads) in times.items()]
+
+
+def timed(action: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def raw_save(state: FlatState, path: str) -> None:
+    with open(path, "wb") as file:
+        for tensor in state.tensors:
+            file.write(tensor.numpy().data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def raw_load(state: FlatState, path: str) -> None:
+    with open(path, "rb") as file:
+        for tensor in state.tensors:
+            file.readinto(tensor.numpy().data)
+
+
+def torch_save(state: FlatState, path: str) -> None:
+    with open(path, "wb") as file:
+        torch.save(state.tensors, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def torch_load(state: FlatState, path: str) -> None:
+    for tensor, loaded in zip(state.tensors, torch.load(path), strict=True):
+        tensor.copy_(loaded)
+
+
+if __name__ == "__main__":
+    main()
