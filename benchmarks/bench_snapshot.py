@@ -65,7 +65,8 @@ def measure(
 
     def resumable_save() -> None:
         content = encode_snapshot(state, [])
-        manifests.append(archive.write(1, len(manifests) + 1, schema(state), content))
+        lineage = ("bench", len(manifests) + 1)
+        manifests.append(archive.write(1, lineage, schema(state), content))
 
     def resumable_load() -> None:
         loaded = archive.read(manifests[-1])

@@ -75,6 +75,8 @@ class Archive:
     def __init__(self, storage: Storage, program: str) -> None:
         self.storage = storage
         self.program = program
+        # Snapshots that failed verification in this process; retention skips them.
+        self.damaged: set[str] = set()
 
     def listing(self) -> list[Listed]:
         """Return every committed snapshot, newest first by commit generation."""
@@ -113,14 +115,21 @@ class Archive:
         """
         skipped = []
         for entry in listing:
+            if entry.manifest is None:
+                logger.warning(
+                    "snapshot skipped: name=%s, reason=%s", entry.name, entry.problem
+                )
+                skipped.append(entry.name)
+        for entry in listing:
+            if entry.manifest is None:
+                continue
             try:
-                if entry.manifest is None:
-                    raise SnapshotCorruptError(entry.problem)
                 check_compatible(entry.manifest, self.program, schema)
                 return self.read(entry.manifest)
             except SnapshotCorruptError as err:
                 logger.warning("snapshot skipped: name=%s, reason=%s", entry.name, err)
                 skipped.append(entry.name)
+                self.damaged.add(entry.name)
         if skipped:
             msg = (
                 f"None of the {len(skipped)} snapshots at {self.storage.url} "
@@ -165,14 +174,22 @@ class Archive:
     def write(
         self,
         step: int,
-        generation: int,
+        lineage: tuple[str, int],
         schema: dict[str, Any],
         content: tuple[dict[str, Any], list[Any]],
     ) -> Manifest:
-        """Write and commit a snapshot of ``content``, the tree and its buffers."""
+        """
+        Write and commit a snapshot of ``content``, the tree and its buffers.
+
+        ``lineage`` is the run's lineage id and the generation of this commit.
+        """
         tree, buffers = content
         name = new_snapshot_name(step)
-        attempt = {"program": self.program, "generation": generation}
+        attempt = {
+            "program": self.program,
+            "lineage": lineage[0],
+            "generation": lineage[1],
+        }
         # Invariant: the attempt record comes first, so cleanup can prove ownership.
         self.storage.write_object(name, ATTEMPT_OBJECT, [json.dumps(attempt).encode()])
         index = json.dumps({"tree": tree, "buffers": buffer_table(buffers)}).encode()
@@ -183,7 +200,8 @@ class Archive:
         manifest = Manifest(
             name=name,
             step=step,
-            generation=generation,
+            generation=lineage[1],
+            lineage=lineage[0],
             program=self.program,
             schema=schema,
             objects=objects,
@@ -194,29 +212,63 @@ class Archive:
 
         return manifest
 
-    def remove_abandoned(self, generation: int) -> None:
-        """Delete uncommitted attempts of this program from generations up to this."""
+    def remove_abandoned(self, lineage: str, generation: int) -> None:
+        """Delete this run's uncommitted attempts from generations up to this one."""
         for name in self.storage.uncommitted():
-            try:
-                attempt = json.loads(self.storage.read(name, ATTEMPT_OBJECT))
-                owned = attempt["program"] == self.program
-                abandoned = owned and int(attempt["generation"]) <= generation
-            except (StorageError, ValueError, KeyError, TypeError):
-                continue
-            if abandoned:
+            attempt = self._attempt(name)
+            if (
+                attempt is not None
+                and attempt.get("program") == self.program
+                and attempt.get("lineage") == lineage
+                and attempt.get("generation", generation + 1) <= generation
+            ):
                 logger.debug("abandoned attempt deleted: name=%s", name)
                 self.storage.delete_folder(name)
 
+    def foreign_attempts(self, lineage: str) -> list[str]:
+        """Return uncommitted folders that this run cannot prove it made."""
+        foreign = []
+        for name in self.storage.uncommitted():
+            attempt = self._attempt(name)
+            if attempt is None or (attempt.get("program"), attempt.get("lineage")) != (
+                self.program,
+                lineage,
+            ):
+                foreign.append(name)
+        return foreign
+
     def prune(self, keep: int) -> None:
-        """Delete this program's snapshots beyond the ``keep`` newest."""
+        """
+        Delete this program's snapshots older than the ``keep`` newest good ones.
+
+        Snapshots that failed verification do not count as kept; they are deleted,
+        with a warning, once older than every kept one.
+        """
         mine = [
             entry
             for entry in self.listing()
             if entry.manifest and entry.manifest.program == self.program
         ]
-        for entry in mine[keep:]:
-            logger.debug("snapshot deleted: name=%s, reason=keep %d", entry.name, keep)
+        kept = [entry for entry in mine if entry.name not in self.damaged][:keep]
+        if len(kept) < keep:
+            return
+        for entry in mine:
+            if entry.order >= kept[-1].order:
+                continue
+            if entry.name in self.damaged:
+                logger.warning(
+                    "damaged snapshot deleted: name=%s, keep=%d", entry.name, keep
+                )
+            else:
+                logger.debug("snapshot deleted: name=%s, keep=%d", entry.name, keep)
             self.storage.delete(entry.name)
+
+    def _attempt(self, name: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads(self.storage.read(name, ATTEMPT_OBJECT))
+        except (StorageError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
 
     def _write(self, name: str, object_name: str, chunks: Iterable[Any]) -> ObjectInfo:
         hasher = Hasher()

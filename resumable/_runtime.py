@@ -16,6 +16,7 @@ import attrs
 
 from resumable import _knobs
 from resumable._archive import Archive, Listed
+from resumable._snapshot import new_lineage
 from resumable._state import (
     Metrics,
     check_capturable,
@@ -192,6 +193,8 @@ class Runtime(Generic[StateT]):
         self.settings = settings
         self.archive = Archive(storage, step.program)
         self.progress = progress
+        # The chain of snapshots this run continues, and its newest commit number.
+        self.lineage = new_lineage()
         self.generation = 0
         # Stop after this many steps as if killed there; used by resumable.testing.
         self.stop_after: int | None = None
@@ -236,14 +239,20 @@ class Runtime(Generic[StateT]):
         self.generation = max((entry.order[0] for entry in listing), default=0)
         for name in self.archive.storage.unrecognised():
             logger.warning("unrecognised entry left alone: name=%s", name)
-        if self.settings.fresh:
-            if listing:
-                logger.warning(
-                    "fresh start: ignoring %d snapshots, retention deletes them",
-                    len(listing),
-                )
-            return 0, []
-        loaded = self.archive.newest_verified(listing, schema(state))
+        if self.settings.fresh and listing:
+            logger.warning(
+                "fresh start: ignoring %d snapshots, retention deletes them",
+                len(listing),
+            )
+        loaded = None
+        if not self.settings.fresh:
+            loaded = self.archive.newest_verified(listing, schema(state))
+        if loaded is not None:
+            self.lineage = loaded.manifest.lineage
+        for name in self.archive.foreign_attempts(self.lineage):
+            logger.warning(
+                "uncommitted folder not of this run left alone: name=%s", name
+            )
         if loaded is None:
             return 0, []
         history = decode_snapshot(state, loaded.tree, loaded.buffers)
@@ -289,7 +298,10 @@ class Runtime(Generic[StateT]):
         started = time.perf_counter()
         self.generation += 1
         manifest = self.archive.write(
-            done, self.generation, schema(state), encode_snapshot(state, history)
+            done,
+            (self.lineage, self.generation),
+            schema(state),
+            encode_snapshot(state, history),
         )
         logger.info(
             "snapshot committed: step=%d, size=%d, seconds=%.3f, name=%s",
@@ -298,7 +310,7 @@ class Runtime(Generic[StateT]):
             time.perf_counter() - started,
             manifest.name,
         )
-        self.archive.remove_abandoned(self.generation)
+        self.archive.remove_abandoned(self.lineage, self.generation)
         self.archive.prune(self.settings.keep)
 
 

@@ -37,8 +37,8 @@ CHECKSUM_ALGORITHM = "xxh3_64"
 # Byte alignment of each buffer in the data object, so that views of it are aligned.
 ALIGNMENT = 64
 
-_NAME = re.compile(r"^step-(\d{9,})-([0-9a-f]{12})$")
-_OBJECT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(r"step-([0-9]{9,})-([0-9a-f]{12})")
+_OBJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def new_snapshot_name(step: int) -> str:
@@ -46,9 +46,14 @@ def new_snapshot_name(step: int) -> str:
     return f"step-{step:09d}-{uuid.uuid4().hex[:12]}"
 
 
+def new_lineage() -> str:
+    """Return the id of a new chain of snapshots, one run from its fresh start."""
+    return uuid.uuid4().hex
+
+
 def parse_snapshot_name(name: str) -> int | None:
     """Return the step in a snapshot name, or None for names that are not ours."""
-    match = _NAME.match(name)
+    match = _NAME.fullmatch(name)
     return int(match.group(1)) if match else None
 
 
@@ -85,6 +90,7 @@ class Manifest:
     name: str
     step: int
     generation: int
+    lineage: str
     program: str
     schema: dict[str, Any]
     objects: dict[str, ObjectInfo]
@@ -117,7 +123,10 @@ class Manifest:
         except (ValueError, KeyError, TypeError) as err:
             msg = f"Manifest of {name} is not readable JSON of resumable: {err}."
             raise SnapshotCorruptError(msg) from None
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if type(version) is not int:
+            msg = f"Manifest of {name} has format version {version!r}, not an integer."
+            raise SnapshotCorruptError(msg)
+        if version > FORMAT_VERSION:
             msg = (
                 f"Snapshot {name} has format version {version!r}, newer than the "
                 f"{FORMAT_VERSION} this resumable reads. Upgrade resumable to load it."
@@ -125,7 +134,7 @@ class Manifest:
             raise IncompatibleSnapshotError(msg)
         try:
             manifest = _manifest_from_record(record)
-        except (KeyError, TypeError, ValueError) as err:
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
             msg = f"Manifest of {name} is malformed: {err!r}."
             raise SnapshotCorruptError(msg) from None
         _check_manifest(manifest, name)
@@ -142,6 +151,7 @@ def _manifest_from_record(record: Mapping[str, Any]) -> Manifest:
         name=str(record["name"]),
         step=int(record["step"]),
         generation=int(record["generation"]),
+        lineage=str(record["lineage"]),
         program=str(record["program"]),
         schema=dict(record["schema"]),
         objects=objects,
@@ -162,7 +172,7 @@ def _check_manifest(manifest: Manifest, name: str) -> None:
         problems.append(f"unknown checksum {manifest.checksum_algorithm!r}")
     for object_name, info in manifest.objects.items():
         # Invariant: objects are plain names inside the snapshot's own folder.
-        if not _OBJECT_NAME.match(object_name) or ".." in object_name:
+        if not _OBJECT_NAME.fullmatch(object_name) or ".." in object_name:
             problems.append(f"object name {object_name!r} is not a plain file name")
         if info.size < 0:
             problems.append(f"object {object_name!r} has negative size")

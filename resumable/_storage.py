@@ -67,8 +67,15 @@ class Storage:
             if self._local:
                 return _write_local(path, chunks)
             self.fs.makedirs(self.path(snapshot), exist_ok=True)
-            with self.fs.open(path, "wb") as file:
-                return _write_chunks(file, chunks)
+            file = self.fs.open(path, "wb")
+            try:
+                size = _write_chunks(file, chunks)
+            except BaseException:
+                # Closing would publish the partial object; throw it away instead.
+                _discard(file)
+                raise
+            file.close()
+            return size
 
     def commit(self, snapshot: str, manifest: bytes) -> None:
         """Make ``snapshot`` visible to readers by writing its manifest in one step."""
@@ -190,6 +197,13 @@ def _write_chunks(file: IO[bytes], chunks: Iterable[Any]) -> int:
     for chunk in chunks:
         size += file.write(chunk)
     return size
+
+
+def _discard(file: IO[bytes]) -> None:
+    discard = getattr(file, "discard", None)
+    with contextlib.suppress(Exception):
+        if callable(discard):
+            discard()
 
 
 def _write_local(path: str, chunks: Iterable[Any]) -> int:
