@@ -34,6 +34,7 @@ from resumable._storage import Storage
 from resumable.errors import (
     IncompatibleSnapshotError,
     SnapshotCorruptError,
+    SnapshotError,
     StorageError,
 )
 
@@ -55,7 +56,11 @@ class Listed:
 
     name: str
     manifest: Manifest | None
-    problem: str | None = None
+    error: SnapshotError | None = None
+
+    @property
+    def problem(self) -> str | None:
+        return None if self.error is None else str(self.error)
 
     @property
     def step(self) -> int:
@@ -84,8 +89,8 @@ class Archive:
         for name in self.storage.committed():
             try:
                 manifest = Manifest.from_bytes(self.storage.read_manifest(name), name)
-            except SnapshotCorruptError as err:
-                entries.append(Listed(name, None, str(err)))
+            except SnapshotError as err:
+                entries.append(Listed(name, None, err))
             except StorageError as err:
                 if not isinstance(err.__cause__, FileNotFoundError):
                     raise
@@ -115,6 +120,8 @@ class Archive:
         """
         skipped = []
         for entry in listing:
+            if isinstance(entry.error, IncompatibleSnapshotError):
+                raise entry.error
             if entry.manifest is None:
                 logger.warning(
                     "snapshot skipped: name=%s, reason=%s", entry.name, entry.problem

@@ -59,13 +59,9 @@ class Settings:
         storage = storage or step.storage
         settings = cls(
             storage=str(storage or step.default_storage()),
-            steps=_first(
-                given.get("steps"), _knobs.env_int(_knobs.STEPS, 0), step.steps
-            ),
-            every=_first(
-                given.get("every"), _knobs.env_int(_knobs.EVERY, 1), step.every
-            ),
-            keep=_first(given.get("keep"), _knobs.env_int(_knobs.KEEP, 1), step.keep),
+            steps=_first(given.get("steps"), _knobs.STEPS, 0, step.steps),
+            every=_first(given.get("every"), _knobs.EVERY, 1, step.every),
+            keep=_first(given.get("keep"), _knobs.KEEP, 1, step.keep),
             fresh=bool(given.get("fresh", False)),
             storage_is_default=storage is None,
         )
@@ -147,7 +143,8 @@ def load(
         IncompatibleSnapshotError: Its snapshots do not fit this state.
     """
     settings = Settings.resolve(step, storage=storage)
-    archive = Archive(Storage.open(settings.storage, storage_options), step.program)
+    backend = Storage.open(settings.storage, storage_options, create=False)
+    archive = Archive(backend, step.program)
     state = step.init()
     check_state(state, "init()")
     listing = archive.listing()
@@ -165,7 +162,7 @@ def list_snapshots(
     url: str, storage_options: dict[str, Any] | None = None
 ) -> list[tuple[Listed, str | None]]:
     """Return each committed snapshot at ``url``, newest first, and why it fails."""
-    archive = Archive(Storage.open(url, storage_options), program="")
+    archive = Archive(Storage.open(url, storage_options, create=False), program="")
     rows = []
     for entry in archive.listing():
         problem = entry.problem
@@ -314,8 +311,12 @@ class Runtime(Generic[StateT]):
         self.archive.prune(self.settings.keep)
 
 
-def _first(*values: int | None) -> int:
-    return next(value for value in values if value is not None)
+def _first(given: int | None, variable: str, minimum: int, declared: int) -> int:
+    """Return the argument, else the environment variable, else the declaration."""
+    if given is not None:
+        return given
+    from_environment = _knobs.env_int(variable, minimum)
+    return declared if from_environment is None else from_environment
 
 
 def _check_metrics(metrics: object, index: int) -> Metrics | None:
@@ -329,9 +330,13 @@ def _check_metrics(metrics: object, index: int) -> Metrics | None:
         raise ConfigurationError(msg)
     checked = {}
     for key, value in metrics.items():
+        # A loss tensor still attached to its graph warns when turned into a float.
+        detach = getattr(value, "detach", None)
         try:
-            number = float(value)
-        except (TypeError, ValueError):
+            if isinstance(value, str | bytes):
+                raise TypeError
+            number = float(detach() if callable(detach) else value)
+        except (TypeError, ValueError, RuntimeError):
             msg = (
                 f"Step {index} returned metric {key!r} = {value!r}; metric values "
                 "must be numbers (a float, an int or a one-element tensor)."

@@ -39,9 +39,15 @@ class Storage:
         self._local = isinstance(fs, LocalFileSystem)
 
     @classmethod
-    def open(cls, url: str, storage_options: dict[str, Any] | None = None) -> Storage:
+    def open(
+        cls,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        create: bool = True,
+    ) -> Storage:
         """
-        Open the storage at ``url``, creating its folder where that is needed.
+        Open the storage at ``url``; ``create`` makes its folder where it is missing.
 
         Raises:
             StorageError: The URL names no usable storage.
@@ -52,8 +58,9 @@ class Storage:
             msg = f"Cannot open storage {url!r}: {err}. Check the URL and its scheme."
             raise StorageError(msg) from None
         storage = cls(fs, root, url)
-        with storage._translate("create the snapshot folder at"):
-            fs.makedirs(storage.root, exist_ok=True)
+        if create:
+            with storage._translate("create the snapshot folder at"):
+                fs.makedirs(storage.root, exist_ok=True)
 
         return storage
 
@@ -168,7 +175,10 @@ class Storage:
     def _names(self) -> list[str]:
         with self._translate("list", self.root):
             self.fs.invalidate_cache(self.root)
-            entries = self.fs.ls(self.root, detail=False)
+            try:
+                entries = self.fs.ls(self.root, detail=False)
+            except FileNotFoundError:
+                return []
         return [_basename(entry) for entry in entries]
 
     @contextlib.contextmanager

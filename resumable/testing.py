@@ -157,7 +157,7 @@ def _diff(
         return
     if "b" in left:
         _diff_buffer(left, right, buffers, path, problems)
-    for key in sorted(set(left) | set(right) - {"b"}):
+    for key in sorted((set(left) | set(right)) - {"b"}):
         one, two = left.get(key), right.get(key)
         if isinstance(one, dict) and isinstance(two, dict) and "k" in one:
             _diff((one, two), buffers, _child(path, key), problems)
