@@ -21,7 +21,11 @@ import cloudpickle
 import numpy as np
 import torch
 
-from resumable.errors import IncompatibleSnapshotError, StateDefinitionError
+from resumable.errors import (
+    IncompatibleSnapshotError,
+    ResumableError,
+    StateDefinitionError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +153,12 @@ class Encoder:
             field.name: self.encode(getattr(value, field.name), f"{path}.{field.name}")
             for field in snapshot_fields(type(value))
         }
-        return {"class": type(value).__qualname__, "fields": fields}
+        cls = type(value)
+        return {
+            "class": cls.__qualname__,
+            "b": self.add_buffer(lambda: cloudpickle.dumps(cls)),
+            "fields": fields,
+        }
 
     def _dict(self, value: dict[Any, Any], path: str) -> Node:
         items = [
@@ -180,16 +189,25 @@ class Decoder:
 
     def __init__(self, buffers: Sequence[memoryview]) -> None:
         self._buffers = buffers
+        # False while decoding a state dict: live values then only say where each
+        # tensor goes, and load_state_dict() does the loading.
+        self._in_place = True
 
     def decode(self, node: Node, current: Any, path: str) -> Any:
         decode = getattr(self, f"_decode_{node['k']}", None)
         if decode is None:
             msg = f"Unknown node kind {node['k']!r} at {path}."
             raise IncompatibleSnapshotError(msg)
-        return decode(node, current, path)
+        try:
+            return decode(node, current, path)
+        except ResumableError:
+            raise
+        except Exception as err:
+            msg = f"Cannot restore {path}: {type(err).__name__}: {err}"
+            raise IncompatibleSnapshotError(msg) from err
 
     def _decode_json(self, node: Node, current: Any, path: str) -> Any:
-        return _update_in_place(current, node["v"])
+        return self._fill(current, node["v"])
 
     def _decode_tensor(self, node: Node, current: Any, path: str) -> torch.Tensor:
         dtype = getattr(torch, node["dtype"], None)
@@ -202,6 +220,8 @@ class Decoder:
             flat = torch.empty(0, dtype=torch.uint8)
         source = flat.view(dtype).reshape(node["shape"])
         if isinstance(current, torch.Tensor) and _fits(current, source):
+            if not self._in_place:
+                return source.to(current.device, copy=True)
             with torch.no_grad():
                 current.copy_(source)
             return current
@@ -278,7 +298,14 @@ class Decoder:
     def _decode_stateful(self, node: Node, current: Any, path: str) -> Any:
         if not _is_stateful(current):
             _refuse_in_place(current, "an object with load_state_dict()", path)
-        state = self.decode(node["state"], None, f"{path}.state_dict()")
+        live = current.state_dict()
+        self._in_place, in_place = False, self._in_place
+        try:
+            state = self.decode(node["state"], live, f"{path}.state_dict()")
+        finally:
+            self._in_place = in_place
+        if isinstance(current, torch.optim.Optimizer):
+            _take_live_parameter_names(state, live, path)
         try:
             current.load_state_dict(state)
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
@@ -290,17 +317,29 @@ class Decoder:
         return current
 
     def _decode_attrs(self, node: Node, current: Any, path: str) -> Any:
-        if not _is_attrs_instance(current) or (
-            type(current).__qualname__ != node["class"]
-        ):
+        if not _is_attrs_instance(current):
+            current = self._new_attrs_instance(node, path)
+        elif type(current).__qualname__ != node["class"]:
             msg = (
                 f"Cannot restore {path}: the snapshot holds a {node['class']}, but "
                 f"init() built a {type(current).__name__}. Build the same class in "
-                "init()."
+                "init(), or start over with --fresh."
             )
             raise IncompatibleSnapshotError(msg)
         restore_fields(self, current, node["fields"], path)
         return current
+
+    def _new_attrs_instance(self, node: Node, path: str) -> Any:
+        """Make an instance, without calling __init__, for fields to be filled."""
+        cls = cloudpickle.loads(self._buffers[node["b"]])
+        instance = cls.__new__(cls)
+        for field in attrs.fields(cls):
+            if is_transient(field):
+                default = field.default
+                if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                    default = default.factory()
+                object.__setattr__(instance, field.name, default)
+        return instance
 
     def _decode_dict(self, node: Node, current: Any, path: str) -> Any:
         targets = current if isinstance(current, dict) else {}
@@ -308,10 +347,10 @@ class Decoder:
         for key_node, value_node in node["items"]:
             key = self.decode(key_node, None, f"{path} key")
             result[key] = self.decode(value_node, targets.get(key), f"{path}[{key!r}]")
-        return _update_in_place(current, result)
+        return self._fill(current, result)
 
     def _decode_list(self, node: Node, current: Any, path: str) -> Any:
-        return _update_in_place(current, self._items(node, current, path))
+        return self._fill(current, self._items(node, current, path))
 
     def _decode_tuple(self, node: Node, current: Any, path: str) -> Any:
         return tuple(self._items(node, current, path))
@@ -327,6 +366,9 @@ class Decoder:
                 zip(node["items"], targets, strict=False)
             )
         ]
+
+    def _fill(self, current: Any, value: Any) -> Any:
+        return _update_in_place(current, value) if self._in_place else value
 
     def _decode_pickle(self, node: Node, current: Any, path: str) -> Any:
         try:
@@ -431,6 +473,31 @@ def _update_in_place(current: Any, value: Any) -> Any:
         current.update(value)
         return current
     return value
+
+
+def canonical_name(name: str) -> str:
+    """Return a parameter name without the prefixes of wrappers."""
+    parts = [part for part in name.split(".") if part not in ("_orig_mod", "module")]
+    return ".".join(parts)
+
+
+def _take_live_parameter_names(
+    state: dict[str, Any], live: dict[str, Any], path: str
+) -> None:
+    """Keep the live optimizer's parameter names where they name the same ones."""
+    saved_groups, live_groups = state.get("param_groups", []), live["param_groups"]
+    for saved, current in zip(saved_groups, live_groups, strict=False):
+        if "param_names" not in saved or "param_names" not in current:
+            continue
+        old = [canonical_name(name) for name in saved["param_names"]]
+        new = [canonical_name(name) for name in current["param_names"]]
+        if old != new:
+            msg = (
+                f"Cannot restore {path}: the snapshot's optimizer holds parameters "
+                f"{old}, the live one {new}."
+            )
+            raise IncompatibleSnapshotError(msg)
+        saved["param_names"] = current["param_names"]
 
 
 def _refuse_in_place(current: Any, expected: str, path: str) -> None:
