@@ -7,6 +7,7 @@ This is where the snapshot format meets the storage; the loop itself lives in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -232,17 +233,27 @@ class Archive:
                 logger.debug("abandoned attempt deleted: name=%s", name)
                 self.storage.delete_folder(name)
 
-    def foreign_attempts(self, lineage: str) -> list[str]:
-        """Return uncommitted folders that this run cannot prove it made."""
-        foreign = []
+    def attempts(self, lineage: str) -> tuple[list[str], list[str]]:
+        """Return uncommitted folders this run made, and those it cannot prove."""
+        mine: list[str] = []
+        foreign: list[str] = []
         for name in self.storage.uncommitted():
-            attempt = self._attempt(name)
-            if attempt is None or (attempt.get("program"), attempt.get("lineage")) != (
-                self.program,
-                lineage,
-            ):
-                foreign.append(name)
-        return foreign
+            attempt = self._attempt(name) or {}
+            owner = (attempt.get("program"), attempt.get("lineage"))
+            (mine if owner == (self.program, lineage) else foreign).append(name)
+        return mine, foreign
+
+    def first_lineage(self) -> str:
+        """
+        Return the lineage of a run that starts with no snapshot to resume.
+
+        It is the same for every start of this program on this storage, so that a
+        restart owns the attempts of a predecessor killed before its first
+        commit, and differs from that of a copy made elsewhere.
+        """
+        where = self.storage.fs.unstrip_protocol(self.storage.root)
+        digest = hashlib.sha256(f"{self.program}\0{where}".encode())
+        return digest.hexdigest()[:32]
 
     def prune(self, keep: int) -> None:
         """

@@ -16,7 +16,7 @@ import attrs
 
 from resumable import _knobs
 from resumable._archive import Archive, Listed
-from resumable._snapshot import new_lineage
+from resumable._snapshot import new_lineage, parse_snapshot_name
 from resumable._state import (
     Metrics,
     check_capturable,
@@ -246,10 +246,9 @@ class Runtime(Generic[StateT]):
             loaded = self.archive.newest_verified(listing, schema(state))
         if loaded is not None:
             self.lineage = loaded.manifest.lineage
-        for name in self.archive.foreign_attempts(self.lineage):
-            logger.warning(
-                "uncommitted folder not of this run left alone: name=%s", name
-            )
+        elif not self.settings.fresh:
+            self.lineage = self.archive.first_lineage()
+        self._report_attempts()
         if loaded is None:
             return 0, []
         history = decode_snapshot(state, loaded.tree, loaded.buffers)
@@ -259,7 +258,24 @@ class Runtime(Generic[StateT]):
             loaded.manifest.name,
             self.settings.storage,
         )
+        # A run that ends without another commit still leaves the storage tidy.
+        self.archive.remove_abandoned(self.lineage, self.generation)
+        self.archive.prune(self.settings.keep)
+
         return loaded.manifest.step, history
+
+    def _report_attempts(self) -> None:
+        mine, foreign = self.archive.attempts(self.lineage)
+        for name in mine:
+            logger.info(
+                "incomplete snapshot ignored: name=%s, step=%s",
+                name,
+                parse_snapshot_name(name),
+            )
+        for name in foreign:
+            logger.warning(
+                "uncommitted folder not of this run left alone: name=%s", name
+            )
 
     def _run_steps(
         self, state: StateT, done: int, history: list[Metrics | None]
