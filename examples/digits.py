@@ -62,9 +62,8 @@ class State:
     generator: torch.Generator
     held_out_accuracy: list[float] = attrs.Factory(list)
     # The data is cheap to rebuild and identical every time (fixed seed), so it
-    # is rebuilt by init() rather than written into every snapshot. (RUF009 does
-    # not know that transient(), like attrs.field(), returns a field definition.)
-    data: Split = resumable.transient()  # noqa: RUF009
+    # is rebuilt by init() rather than written into every snapshot.
+    data: Split = resumable.transient()
 
 
 def build_model() -> nn.Module:
