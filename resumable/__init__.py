@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from resumable import errors, testing
+from resumable._iterate import iterate
 from resumable._runtime import Result, load, run
 from resumable._state import transient
 from resumable._step import Step, step
 from resumable.errors import (
     ConfigurationError,
     IncompatibleSnapshotError,
+    NoProgressError,
     NoSnapshotError,
     ResumableError,
     SnapshotCorruptError,
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigurationError",
     "IncompatibleSnapshotError",
+    "NoProgressError",
     "NoSnapshotError",
     "Result",
     "ResumableError",
@@ -32,6 +35,7 @@ __all__ = [
     "StorageError",
     "__version__",
     "errors",
+    "iterate",
     "load",
     "run",
     "step",

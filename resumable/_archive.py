@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,6 +21,7 @@ from resumable._snapshot import (
     ATTEMPT_OBJECT,
     DATA_OBJECT,
     INDEX_OBJECT,
+    START_PREFIX,
     Hasher,
     Manifest,
     ObjectInfo,
@@ -34,6 +37,7 @@ from resumable._snapshot import (
 from resumable._storage import Storage
 from resumable.errors import (
     IncompatibleSnapshotError,
+    NoProgressError,
     SnapshotCorruptError,
     SnapshotError,
     StorageError,
@@ -185,6 +189,7 @@ class Archive:
         lineage: tuple[str, int],
         schema: dict[str, Any],
         content: tuple[dict[str, Any], list[Any]],
+        inside_step: dict[str, int] | None = None,
     ) -> Manifest:
         """
         Write and commit a snapshot of ``content``, the tree and its buffers.
@@ -214,6 +219,7 @@ class Archive:
             schema=schema,
             objects=objects,
             versions=current_versions(),
+            inside_step=inside_step,
         )
         # Invariant: the manifest is written last, after every object is durable.
         self.storage.commit(name, manifest.to_bytes())
@@ -224,7 +230,8 @@ class Archive:
         """Delete this run's uncommitted attempts from generations up to this one."""
         for name in self.storage.uncommitted():
             attempt = self._attempt(name)
-            if (
+            empty = not self.storage.sizes(name)
+            if empty or (
                 attempt is not None
                 and attempt.get("program") == self.program
                 and attempt.get("lineage") == lineage
@@ -240,8 +247,35 @@ class Archive:
         for name in self.storage.uncommitted():
             attempt = self._attempt(name) or {}
             owner = (attempt.get("program"), attempt.get("lineage"))
-            (mine if owner == (self.program, lineage) else foreign).append(name)
+            # An empty folder holds nothing to protect: a write killed at once.
+            ours = owner == (self.program, lineage) or not self.storage.sizes(name)
+            (mine if ours else foreign).append(name)
         return mine, foreign
+
+    def record_start(self, manifest: Manifest, limit: int) -> None:
+        """
+        Note one more start from ``manifest``'s snapshot, beside its objects.
+
+        Raises:
+            NoProgressError: It was started from ``limit`` times already.
+        """
+        starts = [
+            name
+            for name in self.storage.sizes(manifest.name)
+            if name.startswith(START_PREFIX)
+        ]
+        if len(starts) >= limit:
+            msg = (
+                f"The run was started {len(starts)} times from snapshot "
+                f"{manifest.name} without committing a newer one: it makes no "
+                "progress (a crash or kill before the next snapshot, or a grace "
+                "period too short to write one). Fix the cause, then delete the "
+                f"{START_PREFIX}* files in that snapshot's folder to try again."
+            )
+            raise NoProgressError(msg)
+        marker = f"{START_PREFIX}{uuid.uuid4().hex[:12]}.json"
+        record = json.dumps({"started": time.time()}).encode()
+        self.storage.write_object(manifest.name, marker, [record])
 
     def first_lineage(self) -> str:
         """

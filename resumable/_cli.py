@@ -47,7 +47,7 @@ python -m resumable SCRIPT[:STEP] [options] [-- SCRIPT-ARGS]
 
 _EPILOG = """\
 exit codes: 0 finished, 1 preempted (run the same command again), 2 usage error,
-3 the script raised, 4 storage holds incompatible or unusable snapshots,
+3 the script raised, 4 do not retry: incompatible snapshots or no progress,
 5 storage failure"""
 
 
@@ -68,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             every=options.every,
             keep=options.keep,
             fresh=options.fresh,
+            grace=options.grace,
+            signals=options.signals,
+            preempted_exit_code=options.preempted_exit_code,
+            max_attempts=options.max_attempts,
             progress=ProgressDisplay(sys.stderr),
         )
     except ResumableError as err:
@@ -77,7 +81,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error("the script raised; its snapshots are intact.")
         return EXIT_USER_CODE
 
-    return EXIT_FINISHED if result.finished else EXIT_PREEMPTED
+    if result.finished:
+        return EXIT_FINISHED
+    # A preempted run may resume: the scheduler should run the same command.
+    return _preempted_code(options.preempted_exit_code)
+
+
+def _preempted_code(given: int | None) -> int:
+    from resumable._knobs import PREEMPTED_EXIT_CODE, env_int
+
+    if given is not None:
+        return given
+    from_environment = env_int(PREEMPTED_EXIT_CODE, 0)
+    return EXIT_PREEMPTED if from_environment is None else from_environment
 
 
 def find_step(target: str, script_args: Sequence[str] = ()) -> Step[Any]:
@@ -155,6 +171,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fresh", action="store_true", help="start over; retention removes old ones"
     )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        metavar="SECONDS",
+        help="time from a stop signal to the kill (default 30)",
+    )
+    parser.add_argument(
+        "--signals",
+        metavar="NAMES",
+        help="comma-separated signals that stop the run (default TERM,INT,USR1)",
+    )
+    parser.add_argument(
+        "--preempted-exit-code",
+        type=_count(0),
+        metavar="CODE",
+        help="exit code after a stop with a good snapshot (default 1)",
+    )
+    parser.add_argument(
+        "--max-attempts",
+        type=_count(1),
+        metavar="N",
+        help="starts from one snapshot before giving up with code 4 (default 10)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="count", default=0)
 
@@ -194,11 +233,19 @@ def _main_ls(argv: list[str]) -> int:
         created = _time(manifest.created) if manifest else "?"
         size = _size(manifest.size) if manifest else "?"
         status = "ok" if problem is None else "BAD"
+        if manifest and manifest.inside_step and problem is None:
+            status = "inside"
         program = manifest.program if manifest else "?"
         columns = f"{entry.step:>9}  {created:19}  {size:>9}  {status:6}"
         print(f"{columns}  {program} / {entry.name}")
         if problem is not None:
             print(f"{'':>9}  why: {problem}")
+        elif manifest and manifest.inside_step:
+            where = manifest.inside_step
+            print(
+                f"{'':>9}  taken inside step {entry.step}: loop {where['loop']}, "
+                f"after item {where['item']}"
+            )
     if not rows:
         print(f"no snapshots at {options.url}")
 

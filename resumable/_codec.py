@@ -102,13 +102,15 @@ class Encoder:
             ("tuple", _exactly(tuple), self._sequence),
         )
 
-    def add_buffer(self, make: Callable[[], Any]) -> int:
-        self.buffers.append(None if self._dry_run else make())
+    def add_buffer(self, make: Callable[[], Any], size: int | None = None) -> int:
+        """Add a buffer; a dry run keeps only its size, where it is known."""
+        self.buffers.append(size if self._dry_run else make())
         return len(self.buffers) - 1
 
     def _tensor(self, tensor: torch.Tensor, path: str) -> Node:
+        size = tensor.numel() * tensor.element_size()
         return {
-            "b": self.add_buffer(lambda: tensor_bytes(tensor)),
+            "b": self.add_buffer(lambda: tensor_bytes(tensor), size),
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "shape": list(tensor.shape),
             "device": tensor.device.type,
@@ -119,7 +121,8 @@ class Encoder:
     def _array(self, array: np.ndarray, path: str) -> Node:
         return {
             "b": self.add_buffer(
-                lambda: np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+                lambda: np.ascontiguousarray(array).reshape(-1).view(np.uint8),
+                array.nbytes,
             ),
             "dtype": array.dtype.str,
             "shape": list(array.shape),

@@ -42,3 +42,31 @@ def env_int(name: str, minimum: int) -> int | None:
         raise ConfigurationError(msg)
 
     return value
+
+
+GRACE = ENV_PREFIX + "GRACE"
+SIGNALS = ENV_PREFIX + "SIGNALS"
+PREEMPTED_EXIT_CODE = ENV_PREFIX + "PREEMPTED_EXIT_CODE"
+MAX_ATTEMPTS = ENV_PREFIX + "MAX_ATTEMPTS"
+
+
+def env_float(name: str, minimum: float) -> float | None:
+    """
+    Return a variable's number, or None where it is unset or empty.
+
+    Raises:
+        ConfigurationError: The value is no number of at least ``minimum``.
+    """
+    text = env_str(name)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"{name}={text!r} is not a number. Set it to seconds, e.g. 30."
+        raise ConfigurationError(msg) from None
+    if not value >= minimum:
+        msg = f"{name}={value} is below {minimum}. Set it to {minimum} or more."
+        raise ConfigurationError(msg)
+
+    return value

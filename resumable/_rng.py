@@ -55,3 +55,67 @@ def seed_global_rngs(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def find_generators(value: Any, depth: int = 0) -> list[Any]:
+    """
+    Return the RNG objects reachable from a state through attrs fields, dicts,
+    lists and tuples, in a fixed order.
+    """
+    import attrs
+
+    if isinstance(value, RNG_TYPES):
+        return [value]
+    if depth > 50:
+        return []
+    children: list[Any] = []
+    if attrs.has(type(value)):
+        children = [
+            getattr(value, field.name, None) for field in attrs.fields(type(value))
+        ]
+    elif type(value) in (list, tuple):
+        children = list(value)
+    elif isinstance(value, dict):
+        children = list(value.values())
+    found: list[Any] = []
+    for child in children:
+        for generator in find_generators(child, depth + 1):
+            if not any(generator is known for known in found):
+                found.append(generator)
+    return found
+
+
+# Objects whose state find_generators() collects and the replay sets.
+RNG_TYPES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
+
+
+def capture_rngs(generators: list[Any]) -> dict[str, Any]:
+    """Return the state of the global RNGs and of ``generators``."""
+    return {
+        "global": capture_global_rngs(),
+        "objects": [_object_state(generator) for generator in generators],
+    }
+
+
+def restore_rngs(record: dict[str, Any], generators: list[Any]) -> None:
+    """Set the global RNGs and ``generators`` to a record of ``capture_rngs``."""
+    restore_global_rngs(record["global"])
+    for generator, state in zip(generators, record["objects"], strict=True):
+        if isinstance(generator, torch.Generator):
+            generator.set_state(state)
+        elif isinstance(generator, np.random.Generator):
+            generator.bit_generator.state = state
+        elif isinstance(generator, np.random.RandomState):
+            generator.set_state(state)
+        else:
+            generator.setstate(state)
+
+
+def _object_state(generator: Any) -> Any:
+    if isinstance(generator, torch.Generator):
+        return generator.get_state()
+    if isinstance(generator, np.random.Generator):
+        return generator.bit_generator.state
+    if isinstance(generator, np.random.RandomState):
+        return generator.get_state(legacy=False)
+    return generator.getstate()

@@ -9,23 +9,33 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import attrs
 
-from resumable import _knobs
-from resumable._archive import Archive, Listed
+from resumable._archive import Archive, Listed, Loaded
+from resumable._iterate import (
+    Position,
+    Preempted,
+    Replay,
+    StepContext,
+    run_in_context,
+)
+from resumable._preemption import Preemption
+from resumable._rng import find_generators
+from resumable._settings import Settings
 from resumable._snapshot import new_lineage, parse_snapshot_name
 from resumable._state import (
     Metrics,
     check_capturable,
     check_state,
+    decode_resume,
     decode_snapshot,
     encode_snapshot,
     schema,
 )
-from resumable._step import Step, check_count
+from resumable._step import Step
 from resumable._storage import Storage
 from resumable.errors import (
     ConfigurationError,
@@ -41,37 +51,6 @@ StateT = TypeVar("StateT")
 Progress = Callable[[int, int, "Metrics | None"], None]
 
 
-@attrs.frozen
-class Settings:
-    """The options of one run, resolved from arguments, environment and decorator."""
-
-    storage: str
-    steps: int
-    every: int
-    keep: int
-    fresh: bool = False
-    storage_is_default: bool = False
-
-    @classmethod
-    def resolve(cls, step: Step[Any], **given: Any) -> Settings:
-        """Resolve each option: argument, then RESUMABLE_* variable, then decorator."""
-        storage = given.get("storage") or _knobs.env_str(_knobs.STORAGE)
-        storage = storage or step.storage
-        settings = cls(
-            storage=str(storage or step.default_storage()),
-            steps=_first(given.get("steps"), _knobs.STEPS, 0, step.steps),
-            every=_first(given.get("every"), _knobs.EVERY, 1, step.every),
-            keep=_first(given.get("keep"), _knobs.KEEP, 1, step.keep),
-            fresh=bool(given.get("fresh", False)),
-            storage_is_default=storage is None,
-        )
-        check_count("steps", settings.steps, 0)
-        check_count("every", settings.every, 1)
-        check_count("keep", settings.keep, 1)
-
-        return settings
-
-
 @attrs.define
 class Result(Generic[StateT]):
     """What a run ends with."""
@@ -81,6 +60,7 @@ class Result(Generic[StateT]):
     history: list[Metrics | None]
     storage: str
     steps: int
+    preempted: bool = False
 
     @property
     def finished(self) -> bool:
@@ -95,6 +75,10 @@ def run(
     every: int | None = None,
     keep: int | None = None,
     fresh: bool = False,
+    grace: float | None = None,
+    signals: Sequence[str] | None = None,
+    preempted_exit_code: int | None = None,
+    max_attempts: int | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Result[StateT]:
@@ -108,11 +92,16 @@ def run(
         every: Snapshot after every this many steps.
         keep: How many snapshots to keep.
         fresh: Start over, ignoring existing snapshots (retention removes them).
+        grace: Seconds from a stop signal to the kill that follows it.
+        signals: Names of the signals that ask the run to stop.
+        preempted_exit_code: The exit code the CLI gives a preempted run.
+        max_attempts: Starts from one snapshot before the run counts as stuck.
         storage_options: Passed to fsspec with the URL.
         progress: Called after each step with (done, total, metrics).
 
     Returns:
-        The final state, the number of steps done and the metric history.
+        The final state, the number of steps done, the metric history, and
+        whether a stop request ended the run early.
 
     Raises:
         ResumableError: The configuration, state or storage is unusable.
@@ -121,7 +110,16 @@ def run(
         msg = f"run() takes a @resumable.step function, not {step!r}."
         raise ConfigurationError(msg)
     settings = Settings.resolve(
-        step, storage=storage, steps=steps, every=every, keep=keep, fresh=fresh
+        step,
+        storage=storage,
+        steps=steps,
+        every=every,
+        keep=keep,
+        fresh=fresh,
+        grace=grace,
+        signals=signals,
+        preempted_exit_code=preempted_exit_code,
+        max_attempts=max_attempts,
     )
     backend = Storage.open(settings.storage, storage_options)
     runtime = Runtime(step, settings, backend, progress)
@@ -190,9 +188,12 @@ class Runtime(Generic[StateT]):
         self.settings = settings
         self.archive = Archive(storage, step.program)
         self.progress = progress
+        self.preemption = Preemption(settings)
         # The chain of snapshots this run continues, and its newest commit number.
         self.lineage = new_lineage()
         self.generation = 0
+        # Steps done at the newest snapshot committed or loaded by this process.
+        self.saved_at: int | None = None
         # Stop after this many steps as if killed there; used by resumable.testing.
         self.stop_after: int | None = None
 
@@ -200,14 +201,19 @@ class Runtime(Generic[StateT]):
         """
         Run the loop:
 
+            catch stop signals (a handler only sets a flag)
             state = init()
             if a snapshot verifies: restore state, RNGs and history from it
             prove that the state can be captured
             for step in done .. steps - 1:
-                metrics = body(state, step); history.append(metrics)
+                if a stop was requested: snapshot if the grace allows, exit
+                metrics = body(state, step), replayed up to where a snapshot
+                    inside it was taken; at each resumable.iterate item, a stop
+                    request snapshots inside the step and exits
+                history.append(metrics)
                 if (step + 1) % every == 0 or step + 1 == steps:
                     write the snapshot, commit its manifest, prune to keep
-            return state, steps done, history
+            return state, steps done, history, whether preempted
         """
         settings = self.settings
         logger.info(
@@ -219,18 +225,23 @@ class Runtime(Generic[StateT]):
             settings.every,
             settings.keep,
         )
-        state = self.step.init()
-        check_state(state, f"init() of {self.step.program}")
-        done, history = self._resume(state)
-        check_capturable(state)
-        if done >= settings.steps:
-            logger.info("run already finished: step=%d, steps=%d", done, settings.steps)
-        else:
-            done = self._run_steps(state, done, history)
+        with self.preemption:
+            state = self.step.init()
+            check_state(state, f"init() of {self.step.program}")
+            done, history, replay = self._resume(state)
+            self.preemption.state_bytes = check_capturable(state)
+            if done >= settings.steps and replay is None:
+                logger.info(
+                    "run already finished: step=%d, steps=%d", done, settings.steps
+                )
+            else:
+                done = self._run_steps(state, done, history, replay)
+        result = Result(state, done, history, settings.storage, settings.steps)
+        result.preempted = self.preemption.preempted
 
-        return Result(state, done, history, settings.storage, settings.steps)
+        return result
 
-    def _resume(self, state: StateT) -> tuple[int, list[Metrics | None]]:
+    def _resume(self, state: StateT) -> tuple[int, list[Metrics | None], Replay | None]:
         listing = self.archive.listing()
         self.archive.check_foreign(listing)
         self.generation = max((entry.order[0] for entry in listing), default=0)
@@ -250,19 +261,36 @@ class Runtime(Generic[StateT]):
             self.lineage = self.archive.first_lineage()
         self._report_attempts()
         if loaded is None:
-            return 0, []
+            return 0, [], None
+        return self._restore(state, loaded)
+
+    def _restore(
+        self, state: StateT, loaded: Loaded
+    ) -> tuple[int, list[Metrics | None], Replay | None]:
+        manifest = loaded.manifest
         history = decode_snapshot(state, loaded.tree, loaded.buffers)
+        if manifest.step < self.settings.steps or manifest.inside_step:
+            self.archive.record_start(manifest, self.settings.max_attempts)
         logger.info(
-            "resumed: step=%d, snapshot=%s, storage=%s",
-            loaded.manifest.step,
-            loaded.manifest.name,
+            "resumed: step=%d%s, snapshot=%s, storage=%s",
+            manifest.step,
+            _inside(manifest.inside_step),
+            manifest.name,
             self.settings.storage,
         )
+        self.saved_at = manifest.step
         # A run that ends without another commit still leaves the storage tidy.
         self.archive.remove_abandoned(self.lineage, self.generation)
         self.archive.prune(self.settings.keep)
+        point = decode_resume(loaded.tree, loaded.buffers)
+        if point is None:
+            return manifest.step, history, None
 
-        return loaded.manifest.step, history
+        def restore_again() -> None:
+            decode_snapshot(state, loaded.tree, loaded.buffers)
+
+        position = Position(point["loop"], point["item"])
+        return manifest.step, history, Replay(position, point["rngs"], restore_again)
 
     def _report_attempts(self) -> None:
         mine, foreign = self.archive.attempts(self.lineage)
@@ -278,11 +306,24 @@ class Runtime(Generic[StateT]):
             )
 
     def _run_steps(
-        self, state: StateT, done: int, history: list[Metrics | None]
+        self,
+        state: StateT,
+        done: int,
+        history: list[Metrics | None],
+        replay: Replay | None,
     ) -> int:
         settings = self.settings
+        generators = find_generators(state)
         while done < settings.steps:
-            history.append(self._run_one_step(state, done))
+            if self.preemption.requested:
+                self._stop_between_steps(state, done, history)
+                return done
+            try:
+                metrics = self._run_one_step(state, done, history, generators, replay)
+            except Preempted:
+                return done
+            replay = None
+            history.append(metrics)
             done += 1
             if self.progress is not None:
                 self.progress(done, settings.steps, history[-1])
@@ -294,9 +335,25 @@ class Runtime(Generic[StateT]):
 
         return done
 
-    def _run_one_step(self, state: StateT, index: int) -> Metrics | None:
+    def _run_one_step(
+        self,
+        state: StateT,
+        index: int,
+        history: list[Metrics | None],
+        generators: list[Any],
+        replay: Replay | None,
+    ) -> Metrics | None:
         started = time.perf_counter()
-        metrics = _check_metrics(self.step(state, index), index)
+
+        def safe_point(context: StepContext, position: Position) -> None:
+            self.preemption.check_simulated(index, position.item)
+            if self.preemption.requested:
+                self._stop_inside_step(state, context, position, history)
+
+        context = StepContext(index, generators, safe_point, replay)
+        returned = run_in_context(context, lambda: self.step(state, index))
+        metrics = _check_metrics(returned, index)
+        self.preemption.check_simulated(index, None)
         logger.debug(
             "step done: step=%d, seconds=%.3f, metrics=%s",
             index,
@@ -305,34 +362,99 @@ class Runtime(Generic[StateT]):
         )
         return metrics
 
-    def _snapshot(
+    def _stop_between_steps(
         self, state: StateT, done: int, history: list[Metrics | None]
+    ) -> None:
+        self.preemption.preempted = True
+        if self.saved_at == done:
+            outcome = "snapshot already committed"
+        else:
+            outcome = self._final_snapshot(state, done, history, None)
+        logger.info(
+            "preempted: cause=%s, step=%d, %s, seconds=%.2f",
+            self.preemption.cause(),
+            done,
+            outcome,
+            self.preemption.stop.elapsed(),
+        )
+
+    def _stop_inside_step(
+        self,
+        state: StateT,
+        context: StepContext,
+        position: Position,
+        history: list[Metrics | None],
+    ) -> None:
+        self.preemption.preempted = True
+        resume = {
+            "loop": position.loop,
+            "item": position.item,
+            "rngs": list(context.rngs),
+        }
+        outcome = self._final_snapshot(state, context.index, history, resume)
+        logger.info(
+            "preempted: cause=%s, step=%d, loop=%d, item=%d, %s, seconds=%.2f",
+            self.preemption.cause(),
+            context.index,
+            position.loop,
+            position.item,
+            outcome,
+            self.preemption.stop.elapsed(),
+        )
+        raise Preempted
+
+    def _final_snapshot(
+        self,
+        state: StateT,
+        done: int,
+        history: list[Metrics | None],
+        resume: dict[str, Any] | None,
+    ) -> str:
+        fits, reason = self.preemption.write_fits()
+        if not fits:
+            logger.warning(
+                "final snapshot skipped: %s; the newest committed one stays", reason
+            )
+            return f"snapshot skipped ({reason})"
+        self._snapshot(state, done, history, resume)
+        return f"snapshot committed ({reason})"
+
+    def _snapshot(
+        self,
+        state: StateT,
+        done: int,
+        history: list[Metrics | None],
+        resume: dict[str, Any] | None = None,
     ) -> None:
         started = time.perf_counter()
         self.generation += 1
+        inside = None if resume is None else {k: resume[k] for k in ("loop", "item")}
         manifest = self.archive.write(
             done,
             (self.lineage, self.generation),
             schema(state),
-            encode_snapshot(state, history),
+            encode_snapshot(state, history, resume=resume),
+            inside,
         )
+        seconds = time.perf_counter() - started
+        self.preemption.record_write(seconds)
+        self.saved_at = done if resume is None else None
         logger.info(
-            "snapshot committed: step=%d, size=%d, seconds=%.3f, name=%s",
+            "snapshot committed: step=%d%s, size=%d, seconds=%.3f, name=%s",
             done,
+            _inside(inside),
             manifest.size,
-            time.perf_counter() - started,
+            seconds,
             manifest.name,
         )
         self.archive.remove_abandoned(self.lineage, self.generation)
         self.archive.prune(self.settings.keep)
 
 
-def _first(given: int | None, variable: str, minimum: int, declared: int) -> int:
-    """Return the argument, else the environment variable, else the declaration."""
-    if given is not None:
-        return given
-    from_environment = _knobs.env_int(variable, minimum)
-    return declared if from_environment is None else from_environment
+def _inside(position: dict[str, int] | None) -> str:
+    if position is None:
+        return ""
+    return f" (inside: loop={position['loop']}, item={position['item']})"
 
 
 def _check_metrics(metrics: object, index: int) -> Metrics | None:

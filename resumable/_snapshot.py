@@ -32,6 +32,8 @@ INDEX_OBJECT = "index.json"
 DATA_OBJECT = "data.bin"
 # Written first into an attempt's folder, so that cleanup can prove who made it.
 ATTEMPT_OBJECT = "attempt.json"
+# Prefix of the small files, beside a snapshot's objects, that count its starts.
+START_PREFIX = "start-"
 # Name of the checksum recorded for every object.
 CHECKSUM_ALGORITHM = "xxh3_64"
 # Byte alignment of each buffer in the data object, so that views of it are aligned.
@@ -95,6 +97,8 @@ class Manifest:
     schema: dict[str, Any]
     objects: dict[str, ObjectInfo]
     created: float = attrs.Factory(time.time)
+    # Where inside a step it was taken ({"loop", "item"}); None at a step's end.
+    inside_step: dict[str, int] | None = None
     versions: dict[str, str] = attrs.Factory(dict)
     format_version: int = FORMAT_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
@@ -156,10 +160,17 @@ def _manifest_from_record(record: Mapping[str, Any]) -> Manifest:
         schema=dict(record["schema"]),
         objects=objects,
         created=float(record["created"]),
+        inside_step=_inside_step(record.get("inside_step")),
         versions={str(k): str(v) for k, v in record["versions"].items()},
         format_version=int(record["format_version"]),
         checksum_algorithm=str(record["checksum_algorithm"]),
     )
+
+
+def _inside_step(value: Any) -> dict[str, int] | None:
+    if value is None:
+        return None
+    return {"loop": int(value["loop"]), "item": int(value["item"])}
 
 
 def _check_manifest(manifest: Manifest, name: str) -> None:

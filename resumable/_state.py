@@ -67,13 +67,18 @@ def schema(state: Any) -> dict[str, Any]:
 
 
 def encode_snapshot(
-    state: Any, history: Sequence[Metrics | None], *, dry_run: bool = False
+    state: Any,
+    history: Sequence[Metrics | None],
+    *,
+    resume: dict[str, Any] | None = None,
+    dry_run: bool = False,
 ) -> tuple[dict[str, Any], list[Any]]:
     """
     Return the JSON tree and raw buffers of a snapshot of ``state``.
 
-    With ``dry_run`` the buffers are not materialised; the call only proves that
-    every field can be captured.
+    ``resume`` is where inside a step the snapshot is taken, with the RNG states
+    a replay of that step needs. With ``dry_run`` the buffers are not
+    materialised; the call only proves that every field can be captured.
 
     Raises:
         StateDefinitionError: A field holds something that cannot be captured.
@@ -88,6 +93,8 @@ def encode_snapshot(
         "rng": encoder.encode(capture_global_rngs(), "global random generators"),
         "history": list(history),
     }
+    if resume is not None:
+        tree["resume"] = encoder.encode(resume, "resume point")
 
     return tree, encoder.buffers
 
@@ -113,12 +120,24 @@ def decode_snapshot(
     return list(history)
 
 
-def check_capturable(state: Any) -> None:
-    """Prove before any training that every field of ``state`` can be captured."""
+def decode_resume(tree: dict[str, Any], buffers: Sequence[memoryview]) -> Any:
+    """Return the resume point of a snapshot taken inside a step, or None."""
+    node = tree.get("resume")
+    return None if node is None else Decoder(buffers).decode(node, None, "resume")
+
+
+def check_capturable(state: Any) -> int:
+    """
+    Prove before any training that every field of ``state`` can be captured.
+
+    Returns:
+        The bytes of its tensors and arrays.
+    """
     try:
-        encode_snapshot(state, [], dry_run=True)
+        _, buffers = encode_snapshot(state, [], dry_run=True)
     except StateDefinitionError:
         raise
     except Exception as err:
         msg = f"Capturing the state failed: {type(err).__name__}: {err}"
         raise StateDefinitionError(msg) from err
+    return sum(size for size in buffers if isinstance(size, int))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from resumable.errors import ConfigurationError
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 StateT = TypeVar("StateT")
 StepFunction = Callable[[StateT, int], Mapping[str, Any] | None]
 
+# Signals that ask a run to stop, by default: schedulers, Ctrl-C, SLURM's warning.
+DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 # Folder, next to the script, that holds runs given no storage URL.
 DEFAULT_FOLDER = ".resumable"
 
@@ -36,6 +38,8 @@ class Step(Generic[StateT]):
         every: int = 1,
         keep: int = 3,
         storage: str | None = None,
+        grace: float = 30.0,
+        signals: Sequence[str] = DEFAULT_SIGNALS,
     ) -> None:
         if not callable(init):
             msg = f"init must be a function that builds the state, not {init!r}."
@@ -49,6 +53,8 @@ class Step(Generic[StateT]):
         self.every = every
         self.keep = keep
         self.storage = storage
+        self.grace = grace
+        self.signals = tuple(signals)
         functools.update_wrapper(self, function)
 
     def __call__(self, state: StateT, step: int) -> Mapping[str, Any] | None:
@@ -91,6 +97,8 @@ def step(
     every: int = 1,
     keep: int = 3,
     storage: str | None = None,
+    grace: float = 30.0,
+    signals: Sequence[str] = DEFAULT_SIGNALS,
 ) -> Callable[[StepFunction[StateT]], Step[StateT]]:
     """
     Declare the body of one step (one epoch, say) of a resumable run.
@@ -102,6 +110,9 @@ def step(
         keep: How many of the newest snapshots to keep.
         storage: An fsspec URL or path for snapshots; by default a folder next to
             the script.
+        grace: Seconds between a stop signal and the kill that follows it; the
+            runtime exits within them.
+        signals: Names of the signals that ask the run to stop.
 
     Returns:
         A decorator that turns the function into a ``Step``.
@@ -112,7 +123,14 @@ def step(
 
     def decorate(function: StepFunction[StateT]) -> Step[StateT]:
         return Step(
-            function, init=init, steps=steps, every=every, keep=keep, storage=storage
+            function,
+            init=init,
+            steps=steps,
+            every=every,
+            keep=keep,
+            storage=storage,
+            grace=grace,
+            signals=signals,
         )
 
     return decorate

@@ -23,7 +23,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from resumable._snapshot import MANIFEST_SUFFIX, parse_snapshot_name
+from resumable._snapshot import ATTEMPT_OBJECT, MANIFEST_SUFFIX, parse_snapshot_name
 from resumable.errors import StorageError
 
 logger = logging.getLogger(__name__)
@@ -167,10 +167,19 @@ class Storage:
         self.delete_folder(snapshot)
 
     def delete_folder(self, snapshot: str) -> None:
+        """Delete an attempt's folder, its attempt record last."""
         folder = self.path(snapshot)
         with self._translate("delete", folder):
-            if self.fs.exists(folder):
-                self.fs.rm(folder, recursive=True)
+            names = sorted(
+                self.sizes(snapshot), key=lambda name: name == ATTEMPT_OBJECT
+            )
+            # Invariant: the attempt record goes last, so that a folder left by a
+            # kill in the middle still proves who made it, and is cleaned later.
+            for name in names:
+                self.fs.rm_file(self.path(snapshot, name))
+            # Object stores have no folders; an empty one elsewhere goes too.
+            with contextlib.suppress(FileNotFoundError, NotImplementedError):
+                self.fs.rmdir(folder)
 
     def _names(self) -> list[str]:
         with self._translate("list", self.root):

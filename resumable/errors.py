@@ -8,7 +8,8 @@ Public exception tree of resumable.
     │   ├── SnapshotCorruptError (ValueError) a snapshot that fails verification
     │   ├── IncompatibleSnapshotError (ValueError)
     │   │                                     another program's, schema's or format's
-    │   └── NoSnapshotError (LookupError)     nothing committed to load
+    │   ├── NoSnapshotError (LookupError)     nothing committed to load
+    │   └── NoProgressError (RuntimeError)    restarted too often from one snapshot
     └── StorageError (OSError)                storage unreachable, failing or full
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "IncompatibleSnapshotError",
+    "NoProgressError",
     "NoSnapshotError",
     "ResumableError",
     "SnapshotCorruptError",
@@ -52,6 +54,10 @@ class IncompatibleSnapshotError(SnapshotError, ValueError):
 
 class NoSnapshotError(SnapshotError, LookupError):
     """The storage holds no committed snapshot of this program."""
+
+
+class NoProgressError(SnapshotError, RuntimeError):
+    """The run was started too often from one snapshot without committing another."""
 
 
 class StorageError(ResumableError, OSError):

@@ -3,6 +3,7 @@ Helpers for testing steps and resume, with pytest or without.
 
     result = run_steps(train, 5)                  # 5 steps on in-memory storage
     assert_resumes_identically(train, kill_after=[3, 7], steps=10)
+    assert_resumes_identically(train, preempt_at=[(2, 5)])   # item 5 of step 2
     assert_states_equal(expected_state, actual_state)
 """
 
@@ -19,7 +20,8 @@ import torch
 
 from resumable._codec import Encoder, Node, snapshot_fields, tensor_bytes
 from resumable._rng import seed_global_rngs
-from resumable._runtime import Result, Runtime, Settings
+from resumable._runtime import Result, Runtime
+from resumable._settings import Settings
 from resumable._step import Step
 from resumable._storage import Storage
 
@@ -29,6 +31,7 @@ __all__ = [
     "diff_states",
     "memory_storage",
     "run_killed",
+    "run_preempted",
     "run_steps",
 ]
 
@@ -72,26 +75,66 @@ def run_killed(
     What was committed by then stays on the storage; the rest is lost, as in a
     SIGKILL. With ``kill_after`` None the run goes to the end.
     """
-    settings = Settings.resolve(
-        step, storage=storage or memory_storage(), steps=steps, every=every
-    )
-    runtime = Runtime(step, settings, Storage.open(settings.storage))
+    runtime = _runtime(step, steps=steps, storage=storage, every=every)
     runtime.stop_after = kill_after
     seed_global_rngs(seed)
 
     return runtime.run()
 
 
+def run_preempted(
+    step: Step[StateT],
+    at_step: int,
+    at_item: int | None = None,
+    *,
+    steps: int | None = None,
+    storage: str | None = None,
+    every: int | None = None,
+    seed: int = 0,
+) -> Result[StateT]:
+    """
+    Run ``step`` with a stop request as a scheduler's signal would make one.
+
+    The request comes during step ``at_step`` (0-based): after its item
+    ``at_item`` of a ``resumable.iterate`` loop (items counted from 1), or at
+    the end of the step where ``at_item`` is None. The run snapshots there and
+    returns with ``result.preempted`` true, as the CLI would exit.
+    """
+    runtime = _runtime(step, steps=steps, storage=storage, every=every)
+    runtime.preemption.simulate = (at_step, at_item)
+    seed_global_rngs(seed)
+
+    return runtime.run()
+
+
+def _runtime(
+    step: Step[StateT],
+    *,
+    steps: int | None,
+    storage: str | None,
+    every: int | None,
+) -> Runtime[StateT]:
+    settings = Settings.resolve(
+        step, storage=storage or memory_storage(), steps=steps, every=every
+    )
+    return Runtime(step, settings, Storage.open(settings.storage))
+
+
 def assert_resumes_identically(
     step: Step[Any],
     *,
-    kill_after: Iterable[int],
+    kill_after: Iterable[int] = (),
+    preempt_at: Iterable[tuple[int, int | None]] = (),
     steps: int | None = None,
     every: int | None = None,
     seed: int = 0,
 ) -> None:
     """
-    Assert that a run killed after each of ``kill_after`` and resumed ends equal.
+    Assert that a run killed or preempted, then resumed, ends equal.
+
+    The run is killed after each step of ``kill_after`` in turn, then preempted
+    at each ``(step, item)`` of ``preempt_at`` (item None: at the step's end),
+    resuming each time.
 
     Equal means the same state, tensor by tensor and bit by bit, and the same
     metric history, as an uninterrupted run. Every incarnation starts with the
@@ -105,6 +148,10 @@ def assert_resumes_identically(
     storage = memory_storage()
     for kill in kill_after:
         run_killed(step, kill, steps=steps, storage=storage, every=every, seed=seed)
+    for at_step, at_item in preempt_at:
+        run_preempted(
+            step, at_step, at_item, steps=steps, storage=storage, every=every, seed=seed
+        )
     actual = run_steps(step, steps, storage=storage, every=every, seed=seed)
     problems = diff_states(expected.state, actual.state)
     if expected.history != actual.history:

@@ -81,10 +81,11 @@ def test_all_lists_every_public_name(name):
 
 
 def test_package_exports_the_documented_api():
-    """The package's surface is the decorator, run, load, transient and errors."""
+    """The package's surface: the decorator, run, load, iterate, transient, errors."""
     expected = [
         "ConfigurationError",
         "IncompatibleSnapshotError",
+        "NoProgressError",
         "NoSnapshotError",
         "Result",
         "ResumableError",
@@ -95,6 +96,7 @@ def test_package_exports_the_documented_api():
         "StorageError",
         "__version__",
         "errors",
+        "iterate",
         "load",
         "run",
         "step",
@@ -122,6 +124,7 @@ def test_testing_exports_the_documented_helpers():
         "diff_states",
         "memory_storage",
         "run_killed",
+        "run_preempted",
         "run_steps",
     ]
 
@@ -165,6 +168,7 @@ def test_docstring_tree_is_the_documented_one():
         "SnapshotCorruptError": ("SnapshotError", "ValueError"),
         "IncompatibleSnapshotError": ("SnapshotError", "ValueError"),
         "NoSnapshotError": ("SnapshotError", "LookupError"),
+        "NoProgressError": ("SnapshotError", "RuntimeError"),
         "StorageError": ("ResumableError", "OSError"),
     }
 
@@ -192,6 +196,7 @@ def test_error_class_inherits_its_parent_and_builtin_as_drawn(name):
         ("SnapshotCorruptError", ValueError),
         ("IncompatibleSnapshotError", ValueError),
         ("NoSnapshotError", LookupError),
+        ("NoProgressError", RuntimeError),
         ("StorageError", OSError),
     ],
 )

@@ -1,0 +1,105 @@
+"""The options of a run, each resolved: argument, RESUMABLE_* variable, decorator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from resumable import _knobs
+from resumable._signals import parse_signals
+from resumable._step import DEFAULT_SIGNALS, Step, check_count
+from resumable.errors import ConfigurationError
+
+# Exit code of a run stopped by a signal after a good snapshot: Run:AI's advice.
+DEFAULT_PREEMPTED_EXIT_CODE = 1
+# Starts from one snapshot after which a run is declared stuck.
+DEFAULT_MAX_ATTEMPTS = 10
+
+
+@attrs.frozen
+class Settings:
+    """The options of one run."""
+
+    storage: str
+    steps: int
+    every: int
+    keep: int
+    fresh: bool = False
+    storage_is_default: bool = False
+    grace: float = 30.0
+    signals: tuple[str, ...] = DEFAULT_SIGNALS
+    preempted_exit_code: int = DEFAULT_PREEMPTED_EXIT_CODE
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+    @classmethod
+    def resolve(cls, step: Step[Any], **given: Any) -> Settings:
+        """Resolve each option: argument, then RESUMABLE_* variable, then decorator."""
+        storage = given.get("storage") or _knobs.env_str(_knobs.STORAGE)
+        storage = storage or step.storage
+        settings = cls(
+            storage=str(storage or step.default_storage()),
+            steps=_first(given.get("steps"), _knobs.STEPS, 0, step.steps),
+            every=_first(given.get("every"), _knobs.EVERY, 1, step.every),
+            keep=_first(given.get("keep"), _knobs.KEEP, 1, step.keep),
+            fresh=bool(given.get("fresh", False)),
+            storage_is_default=storage is None,
+            grace=_grace(given.get("grace"), step.grace),
+            signals=_signals(given.get("signals"), step.signals),
+            preempted_exit_code=_first(
+                given.get("preempted_exit_code"),
+                _knobs.PREEMPTED_EXIT_CODE,
+                0,
+                DEFAULT_PREEMPTED_EXIT_CODE,
+            ),
+            max_attempts=_first(
+                given.get("max_attempts"), _knobs.MAX_ATTEMPTS, 1, DEFAULT_MAX_ATTEMPTS
+            ),
+        )
+        check_count("steps", settings.steps, 0)
+        check_count("every", settings.every, 1)
+        check_count("keep", settings.keep, 1)
+        check_count("max_attempts", settings.max_attempts, 1)
+        if not 0 <= settings.preempted_exit_code <= 255:
+            msg = (
+                f"preempted_exit_code must be 0 to 255, not "
+                f"{settings.preempted_exit_code}."
+            )
+            raise ConfigurationError(msg)
+
+        return settings
+
+
+def _first(given: int | None, variable: str, minimum: int, declared: int) -> int:
+    """Return the argument, else the environment variable, else the declaration."""
+    if given is not None:
+        return given
+    from_environment = _knobs.env_int(variable, minimum)
+    return declared if from_environment is None else from_environment
+
+
+def _grace(given: float | None, declared: float) -> float:
+    grace = given
+    if grace is None:
+        grace = _knobs.env_float(_knobs.GRACE, 0.0)
+    if grace is None:
+        grace = declared
+    if not (isinstance(grace, int | float) and grace > 0):
+        msg = f"grace must be a positive number of seconds, not {grace!r}."
+        raise ConfigurationError(msg)
+    return float(grace)
+
+
+def _signals(given: Any, declared: tuple[str, ...]) -> tuple[str, ...]:
+    names = given
+    if names is None and _knobs.env_str(_knobs.SIGNALS) is not None:
+        names = str(_knobs.env_str(_knobs.SIGNALS)).split(",")
+    if names is None:
+        names = declared
+    if isinstance(names, str):
+        names = names.split(",")
+    try:
+        parsed = parse_signals([str(name) for name in names if str(name).strip()])
+    except ValueError as err:
+        raise ConfigurationError(str(err)) from None
+    return tuple(signal.name for signal in parsed)

@@ -1,0 +1,143 @@
+"""
+Stop requests: signal handlers that only record the request, and a watchdog.
+
+A handler sets a flag and nothing else; the runtime acts on it at its next safe
+point. A second signal exits at once. Handlers the user installed are called too,
+and restored when the run ends. The watchdog ends the process when the grace
+period runs out, whatever the main thread is doing: every committed snapshot
+stays as it was, since commits are atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# How often the watchdog looks at the clock.
+_WATCH_INTERVAL = 0.05
+
+Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class StopRequest:
+    """The request to stop: which signal, and when it came (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.since: float | None = None
+        self.count = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.since is not None
+
+    def request(self, signum: int | None, reason: str = "signal") -> None:
+        """Record a request; safe to call from a signal handler."""
+        self.count += 1
+        if self.since is None:
+            self.signal, self.since = signum, time.monotonic()
+
+    def elapsed(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
+
+
+def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
+    """
+    Turn names such as ``SIGTERM`` or ``TERM`` into signals.
+
+    Raises:
+        ValueError: A name is no signal of this platform.
+    """
+    found = []
+    for name in names:
+        text = name.strip().upper()
+        text = text if text.startswith("SIG") else "SIG" + text
+        try:
+            found.append(signal.Signals[text])
+        except KeyError:
+            msg = f"{name!r} is not a signal here; use names such as SIGTERM or USR1."
+            raise ValueError(msg) from None
+    return found
+
+
+class SignalCatcher:
+    """Installs the flag-setting handlers for a run, then restores what was there."""
+
+    def __init__(
+        self,
+        stop: StopRequest,
+        signals: Sequence[signal.Signals],
+        exit_code: int,
+    ) -> None:
+        self._stop = stop
+        self._signals = list(signals)
+        self._exit_code = exit_code
+        self._previous: dict[signal.Signals, Handler] = {}
+        self._pid = os.getpid()
+
+    def install(self) -> bool:
+        """Install the handlers; return False where this is not the main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("signals not caught: reason=run outside the main thread")
+            return False
+        for signum in self._signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return True
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Forked children (DataLoader workers) inherit this handler: there it
+        # does nothing, so a signal to the whole group cannot kill them first.
+        if os.getpid() != self._pid:
+            return
+        self._stop.request(signum)
+        if self._stop.count > 1:
+            # Invariant: commits are atomic, so exiting now leaves every committed
+            # snapshot intact; an attempt in flight stays uncommitted.
+            os.write(2, b"resumable: second signal, exiting now\n")
+            os._exit(self._exit_code)
+        previous = self._previous.get(signal.Signals(signum))
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)
+
+
+class Watchdog:
+    """Ends the process when a stop request outlives the grace period."""
+
+    def __init__(self, stop: StopRequest, deadline: float, exit_code: int) -> None:
+        self._stop = stop
+        self._deadline = deadline
+        self._exit_code = exit_code
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._watch, name="resumable-watchdog", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(_WATCH_INTERVAL):
+            if self._stop.requested and self._stop.elapsed() >= self._deadline:
+                logger.error(
+                    "grace period spent: seconds=%.1f, exiting now, "
+                    "last committed snapshot kept",
+                    self._stop.elapsed(),
+                )
+                os._exit(self._exit_code)
