@@ -13,10 +13,11 @@ or as a plain script::
 
     python examples/digits.py
 
-Either way, killing the run (Ctrl-C, ``kill -9``, a preempted machine) and then
-running the same command again resumes from the newest snapshot instead of
-starting over; snapshots go to ``examples/.resumable/digits.train/`` unless
-``--storage`` (or ``RESUMABLE_STORAGE``) says otherwise. ``--fresh`` starts over.
+Either way, stopping the run and running the same command again resumes instead
+of starting over: Ctrl-C or SIGTERM snapshots at the next batch and exits with
+code 1; ``kill -9`` loses the work since the newest snapshot (one per epoch).
+Snapshots go to ``examples/.resumable/digits.train/`` unless ``--storage`` (or
+``RESUMABLE_STORAGE``) says otherwise. ``--fresh`` starts over.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class State:
     # state makes a resumed epoch order identical to the uninterrupted one.
     generator: torch.Generator
     held_out_accuracy: list[float] = attrs.Factory(list)
+    # The epoch's running loss lives on the state, not in a local variable, so
+    # that a snapshot taken between two batches keeps it.
+    epoch_loss_sum: float = 0.0
     # The data is cheap to rebuild and identical every time (fixed seed), so it
     # is rebuilt by init() rather than written into every snapshot.
     data: Split = resumable.transient()
@@ -163,20 +167,22 @@ def train(state: State, step: int) -> dict[str, float]:
     state.model.train()
     n = len(data.train_x)
     order = torch.randperm(n, generator=state.generator)
-    total_loss = 0.0
-    for start in range(0, n, BATCH_SIZE):
+    state.epoch_loss_sum = 0.0
+    # resumable.iterate makes each batch boundary a safe point: a SIGTERM
+    # snapshots there and a resume continues with the next batch.
+    for start in resumable.iterate(range(0, n, BATCH_SIZE)):
         batch = order[start : start + BATCH_SIZE]
         images = random_shift(data.train_x[batch], state.generator)
         loss = F.cross_entropy(state.model(images), data.train_y[batch])
         state.optimizer.zero_grad()
         loss.backward()
         state.optimizer.step()
-        total_loss += loss.item() * len(batch)
+        state.epoch_loss_sum += loss.item() * len(batch)
     # One scheduler step per epoch: the cosine schedule spans all EPOCHS steps.
     state.scheduler.step()
     accuracy = evaluate(state.model, data.test_x, data.test_y)
     state.held_out_accuracy.append(accuracy)
-    return {"loss": total_loss / n, "accuracy": accuracy}
+    return {"loss": state.epoch_loss_sum / n, "accuracy": accuracy}
 
 
 if __name__ == "__main__":
