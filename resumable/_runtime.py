@@ -368,6 +368,8 @@ class Runtime(Generic[StateT]):
         self.preemption.preempted = True
         if self.saved_at == done:
             outcome = "snapshot already committed"
+        elif done == 0:
+            outcome = "nothing to save before the first step"
         else:
             outcome = self._final_snapshot(state, done, history, None)
         logger.info(
