@@ -72,9 +72,11 @@ def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
 class Encoder:
     """Turns values into JSON nodes, collecting their raw bytes in ``buffers``."""
 
-    def __init__(self, *, dry_run: bool = False) -> None:
+    def __init__(self, *, dry_run: bool = False, grads: bool = False) -> None:
         self.buffers: list[Any] = []
         self._dry_run = dry_run
+        # Inside a step, gradients may be mid-accumulation: keep them too.
+        self._grads = grads
 
     def encode(self, value: Any, path: str) -> Node:
         if _is_plain(value):
@@ -143,10 +145,14 @@ class Encoder:
 
     def _module(self, module: torch.nn.Module, path: str) -> Node:
         inner = unwrap_module(module)
-        return {
+        node = {
             "state": self.encode(inner.state_dict(), f"{path}.state_dict()"),
             "training": [child.training for child in inner.modules()],
         }
+        if self._grads:
+            grads = {name: p.grad for name, p in inner.named_parameters()}
+            node["grads"] = self.encode(grads, f"{path} gradients")
+        return node
 
     def _stateful(self, value: Any, path: str) -> Node:
         return {"state": self.encode(value.state_dict(), f"{path}.state_dict()")}
@@ -292,11 +298,25 @@ class Decoder:
                 f"model that init() built. {err}"
             )
             raise IncompatibleSnapshotError(msg) from None
+        if "grads" in node:
+            self._restore_grads(inner, node["grads"], path)
         modules = list(inner.modules())
         if len(modules) == len(node["training"]):
             for module, training in zip(modules, node["training"], strict=True):
                 module.training = training
         return current
+
+    def _restore_grads(self, module: torch.nn.Module, node: Node, path: str) -> None:
+        parameters = dict(module.named_parameters())
+        grads = self.decode(node, None, f"{path} gradients")
+        for name, grad in grads.items():
+            parameter = parameters[name]
+            if grad is None:
+                parameter.grad = None
+            elif parameter.grad is not None and parameter.grad.shape == grad.shape:
+                parameter.grad.copy_(grad)
+            else:
+                parameter.grad = grad.to(parameter.device)
 
     def _decode_stateful(self, node: Node, current: Any, path: str) -> Any:
         if not _is_stateful(current):

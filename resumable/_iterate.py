@@ -23,7 +23,7 @@ import attrs
 import torch
 
 from resumable._rng import capture_rngs, restore_rngs
-from resumable.errors import IncompatibleSnapshotError
+from resumable.errors import ConfigurationError, IncompatibleSnapshotError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class StepContext:
         self.generators = generators
         self._safe_point = safe_point
         self.replay = replay
+        # Whether an iterate loop of this step is running.
+        self.active = False
         # RNG states at the start of the step, then at the start of each loop.
         self.rngs: list[dict[str, Any]] = []
         if replay is None:
@@ -134,17 +136,27 @@ def iterate(iterable: Iterable[T]) -> Iterator[T]:
     if context is None:
         yield from iterable
         return
+    if context.active:
+        msg = (
+            "resumable.iterate loops cannot be nested: a snapshot records one "
+            "position in one loop. Use it for one of the loops only."
+        )
+        raise ConfigurationError(msg)
     ordinal, skip = context.enter_loop()
     if skip is None:
         return
-    iterator = _start(iterable, skip, context)
-    if context.replay is not None and not context.replay.done:
-        context.resume_here()
-    done = skip
-    for item in iterator:
-        yield item
-        done += 1
-        context.after_item(ordinal, done)
+    context.active = True
+    try:
+        iterator = _start(iterable, skip, context)
+        if context.replay is not None and not context.replay.done:
+            context.resume_here()
+        done = skip
+        for item in iterator:
+            yield item
+            done += 1
+            context.after_item(ordinal, done)
+    finally:
+        context.active = False
 
 
 def _start(iterable: Iterable[T], skip: int, context: StepContext) -> Iterator[T]:
@@ -165,18 +177,22 @@ def _start_loader(
     sampler = getattr(iterator, "_sampler_iter", None)
     if not skip:
         return iterator
-    if sampler is None or not hasattr(iterator, "_num_yielded"):
+    # Only the main process's RNGs are put back after the skip: batches made by
+    # workers must be made again, or the workers' random streams would differ.
+    by_index = (
+        loader.num_workers == 0
+        and not isinstance(loader.dataset, torch.utils.data.IterableDataset)
+        and sampler is not None
+        and hasattr(iterator, "_num_yielded")
+    )
+    if not by_index:
         logger.debug("loader skipped by loading: items=%d", skip)
         next(itertools.islice(iterator, skip - 1, None), None)
         return iterator
-    # Batches already sent to workers are loaded and dropped; the rest are
-    # skipped in the sampler, never loaded.
-    in_flight = min(skip, getattr(iterator, "_send_idx", 0))
-    for _ in range(skip - in_flight):
-        next(sampler)
-    iterator._num_yielded += skip - in_flight
-    for _ in range(in_flight):
-        next(iterator)
+    skipped = 0
+    for _ in itertools.islice(sampler, skip):  # type: ignore[arg-type]  # checked above
+        skipped += 1
+    iterator._num_yielded += skipped
     return iterator
 
 

@@ -46,9 +46,9 @@ class Preemption:
         self._write_seconds: list[float] = []
         # Bytes of the state's tensors and arrays, for a first estimate.
         self.state_bytes = 0
-        # (step, item) at which resumable.testing asks for a stop; item None
-        # means at the end of the step.
-        self.simulate: tuple[int, int | None] | None = None
+        # (step, loop, item) at which resumable.testing asks for a stop; item
+        # None means at the end of the step, loop None in any loop.
+        self.simulate: tuple[int, int | None, int | None] | None = None
         self.preempted = False
 
     def __enter__(self) -> Preemption:
@@ -69,9 +69,12 @@ class Preemption:
     def requested(self) -> bool:
         return self.stop.requested
 
-    def check_simulated(self, index: int, item: int | None) -> None:
+    def check_simulated(self, index: int, loop: int | None, item: int | None) -> None:
         """Request a stop where resumable.testing asked for one."""
-        if self.simulate == (index, item):
+        if self.simulate is None:
+            return
+        at_step, at_loop, at_item = self.simulate
+        if (at_step, at_item) == (index, item) and at_loop in (None, loop):
             self.stop.request(None)
 
     def record_write(self, seconds: float) -> None:

@@ -64,7 +64,7 @@ class Result(Generic[StateT]):
 
     @property
     def finished(self) -> bool:
-        return self.step >= self.steps
+        return self.step >= self.steps and not self.preempted
 
 
 def run(
@@ -93,7 +93,8 @@ def run(
         keep: How many snapshots to keep.
         fresh: Start over, ignoring existing snapshots (retention removes them).
         grace: Seconds from a stop signal to the kill that follows it.
-        signals: Names of the signals that ask the run to stop.
+        signals: Names of further signals that stop the run, besides SIGTERM,
+            SIGINT and SIGUSR1.
         preempted_exit_code: The exit code the CLI gives a preempted run.
         max_attempts: Starts from one snapshot before the run counts as stuck.
         storage_options: Passed to fsspec with the URL.
@@ -327,6 +328,9 @@ class Runtime(Generic[StateT]):
             done += 1
             if self.progress is not None:
                 self.progress(done, settings.steps, history[-1])
+            if self.preemption.requested:
+                self._stop_between_steps(state, done, history)
+                return done
             if done % settings.every == 0 or done == settings.steps:
                 self._snapshot(state, done, history)
             if self.stop_after is not None and done >= self.stop_after:
@@ -346,14 +350,14 @@ class Runtime(Generic[StateT]):
         started = time.perf_counter()
 
         def safe_point(context: StepContext, position: Position) -> None:
-            self.preemption.check_simulated(index, position.item)
+            self.preemption.check_simulated(index, position.loop, position.item)
             if self.preemption.requested:
                 self._stop_inside_step(state, context, position, history)
 
         context = StepContext(index, generators, safe_point, replay)
         returned = run_in_context(context, lambda: self.step(state, index))
         metrics = _check_metrics(returned, index)
-        self.preemption.check_simulated(index, None)
+        self.preemption.check_simulated(index, None, None)
         logger.debug(
             "step done: step=%d, seconds=%.3f, metrics=%s",
             index,
@@ -372,6 +376,13 @@ class Runtime(Generic[StateT]):
             outcome = "nothing to save before the first step"
         else:
             outcome = self._final_snapshot(state, done, history, None)
+        if self.saved_at == done == self.settings.steps:
+            # The stop came during the last step, and its snapshot is committed.
+            self.preemption.preempted = False
+            logger.info(
+                "run finished: step=%d, storage=%s", done, self.settings.storage
+            )
+            return
         logger.info(
             "preempted: cause=%s, step=%d, %s, seconds=%.2f",
             self.preemption.cause(),

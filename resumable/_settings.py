@@ -7,8 +7,13 @@ from typing import Any
 import attrs
 
 from resumable import _knobs
-from resumable._signals import parse_signals
-from resumable._step import DEFAULT_SIGNALS, Step, check_count
+from resumable._step import (
+    DEFAULT_SIGNALS,
+    Step,
+    check_count,
+    check_grace,
+    check_signals,
+)
 from resumable.errors import ConfigurationError
 
 # Exit code of a run stopped by a signal after a good snapshot: Run:AI's advice.
@@ -60,6 +65,7 @@ class Settings:
         check_count("every", settings.every, 1)
         check_count("keep", settings.keep, 1)
         check_count("max_attempts", settings.max_attempts, 1)
+        check_count("preempted_exit_code", settings.preempted_exit_code, 0)
         if not 0 <= settings.preempted_exit_code <= 255:
             msg = (
                 f"preempted_exit_code must be 0 to 255, not "
@@ -84,10 +90,7 @@ def _grace(given: float | None, declared: float) -> float:
         grace = _knobs.env_float(_knobs.GRACE, 0.0)
     if grace is None:
         grace = declared
-    if not (isinstance(grace, int | float) and grace > 0):
-        msg = f"grace must be a positive number of seconds, not {grace!r}."
-        raise ConfigurationError(msg)
-    return float(grace)
+    return check_grace(grace)
 
 
 def _signals(given: Any, declared: tuple[str, ...]) -> tuple[str, ...]:
@@ -96,10 +99,4 @@ def _signals(given: Any, declared: tuple[str, ...]) -> tuple[str, ...]:
         names = str(_knobs.env_str(_knobs.SIGNALS)).split(",")
     if names is None:
         names = declared
-    if isinstance(names, str):
-        names = names.split(",")
-    try:
-        parsed = parse_signals([str(name) for name in names if str(name).strip()])
-    except ValueError as err:
-        raise ConfigurationError(str(err)) from None
-    return tuple(signal.name for signal in parsed)
+    return check_signals(names)

@@ -88,8 +88,13 @@ class SignalCatcher:
         if threading.current_thread() is not threading.main_thread():
             logger.warning("signals not caught: reason=run outside the main thread")
             return False
-        for signum in self._signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            for signum in self._signals:
+                if signum not in self._previous:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        except (OSError, ValueError):
+            self.restore()
+            raise
         return True
 
     def restore(self) -> None:

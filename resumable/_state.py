@@ -83,7 +83,7 @@ def encode_snapshot(
     Raises:
         StateDefinitionError: A field holds something that cannot be captured.
     """
-    encoder = Encoder(dry_run=dry_run)
+    encoder = Encoder(dry_run=dry_run, grads=resume is not None)
     fields = {
         field.name: encoder.encode(getattr(state, field.name), f"state.{field.name}")
         for field in snapshot_fields(type(state))

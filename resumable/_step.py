@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
+import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from resumable._signals import parse_signals
 from resumable.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -39,7 +42,7 @@ class Step(Generic[StateT]):
         keep: int = 3,
         storage: str | None = None,
         grace: float = 30.0,
-        signals: Sequence[str] = DEFAULT_SIGNALS,
+        signals: Sequence[str] = (),
     ) -> None:
         if not callable(init):
             msg = f"init must be a function that builds the state, not {init!r}."
@@ -47,6 +50,8 @@ class Step(Generic[StateT]):
         check_count("steps", steps, 0)
         check_count("every", every, 1)
         check_count("keep", keep, 1)
+        check_grace(grace)
+        check_signals(signals)
         self.function = function
         self.init = init
         self.steps = steps
@@ -54,7 +59,7 @@ class Step(Generic[StateT]):
         self.keep = keep
         self.storage = storage
         self.grace = grace
-        self.signals = tuple(signals)
+        self.signals = tuple(signals)  # added to DEFAULT_SIGNALS
         functools.update_wrapper(self, function)
 
     def __call__(self, state: StateT, step: int) -> Mapping[str, Any] | None:
@@ -98,7 +103,7 @@ def step(
     keep: int = 3,
     storage: str | None = None,
     grace: float = 30.0,
-    signals: Sequence[str] = DEFAULT_SIGNALS,
+    signals: Sequence[str] = (),
 ) -> Callable[[StepFunction[StateT]], Step[StateT]]:
     """
     Declare the body of one step (one epoch, say) of a resumable run.
@@ -112,7 +117,8 @@ def step(
             the script.
         grace: Seconds between a stop signal and the kill that follows it; the
             runtime exits within them.
-        signals: Names of the signals that ask the run to stop.
+        signals: Names of further signals that ask the run to stop, besides
+            SIGTERM, SIGINT and SIGUSR1 (SLURM's ``--signal=USR2``, say).
 
     Returns:
         A decorator that turns the function into a ``Step``.
@@ -141,3 +147,40 @@ def check_count(name: str, value: object, minimum: int) -> None:
     if type(value) is not int or value < minimum:
         msg = f"{name} must be an integer of at least {minimum}, not {value!r}."
         raise ConfigurationError(msg)
+
+
+def check_grace(grace: object) -> float:
+    """Return ``grace`` as seconds, or raise ConfigurationError."""
+    if (
+        isinstance(grace, bool)
+        or not isinstance(grace, int | float)
+        or not 0 < grace < math.inf
+    ):
+        msg = f"grace must be a positive, finite number of seconds, not {grace!r}."
+        raise ConfigurationError(msg)
+    return float(grace)
+
+
+def check_signals(names: Any) -> tuple[str, ...]:
+    """
+    Return the stop signals: the defaults and ``names``, once each, in order.
+
+    Raises:
+        ConfigurationError: A name is no signal, or one that cannot be caught.
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    try:
+        parsed = parse_signals(
+            [*DEFAULT_SIGNALS, *(str(name) for name in names if str(name).strip())]
+        )
+    except ValueError as err:
+        raise ConfigurationError(str(err)) from None
+    uncatchable = {signal.SIGKILL, signal.SIGSTOP} & set(parsed)
+    if uncatchable:
+        msg = (
+            f"{', '.join(sorted(s.name for s in uncatchable))} cannot be caught; "
+            "name signals such as SIGTERM, SIGUSR1 or SIGUSR2."
+        )
+        raise ConfigurationError(msg)
+    return tuple(dict.fromkeys(signal.name for signal in parsed))

@@ -87,6 +87,7 @@ def run_preempted(
     at_step: int,
     at_item: int | None = None,
     *,
+    at_loop: int | None = None,
     steps: int | None = None,
     storage: str | None = None,
     every: int | None = None,
@@ -96,12 +97,13 @@ def run_preempted(
     Run ``step`` with a stop request as a scheduler's signal would make one.
 
     The request comes during step ``at_step`` (0-based): after its item
-    ``at_item`` of a ``resumable.iterate`` loop (items counted from 1), or at
-    the end of the step where ``at_item`` is None. The run snapshots there and
-    returns with ``result.preempted`` true, as the CLI would exit.
+    ``at_item`` of a ``resumable.iterate`` loop (items counted from 1; the
+    first loop to reach it, or loop ``at_loop`` counted from 0), or at the end
+    of the step where ``at_item`` is None. The run snapshots there and returns
+    with ``result.preempted`` true, as the CLI would exit.
     """
     runtime = _runtime(step, steps=steps, storage=storage, every=every)
-    runtime.preemption.simulate = (at_step, at_item)
+    runtime.preemption.simulate = (at_step, at_loop, at_item)
     seed_global_rngs(seed)
 
     return runtime.run()
