@@ -196,6 +196,7 @@ class Archive:
 
         ``lineage`` is the run's lineage id and the generation of this commit.
         """
+        started = time.perf_counter()
         tree, buffers = content
         name = new_snapshot_name(step)
         attempt = {
@@ -220,6 +221,7 @@ class Archive:
             objects=objects,
             versions=current_versions(),
             inside_step=inside_step,
+            write_seconds=time.perf_counter() - started,
         )
         # Invariant: the manifest is written last, after every object is durable.
         self.storage.commit(name, manifest.to_bytes())
@@ -252,9 +254,12 @@ class Archive:
             (mine if ours else foreign).append(name)
         return mine, foreign
 
-    def record_start(self, manifest: Manifest, limit: int) -> None:
+    def record_start(self, manifest: Manifest, limit: int) -> str:
         """
         Note one more start from ``manifest``'s snapshot, beside its objects.
+
+        Returns:
+            The name of the marker written.
 
         Raises:
             NoProgressError: It was started from ``limit`` times already.
@@ -276,6 +281,7 @@ class Archive:
         marker = f"{START_PREFIX}{uuid.uuid4().hex[:12]}.json"
         record = json.dumps({"started": time.time()}).encode()
         self.storage.write_object(manifest.name, marker, [record])
+        return marker
 
     def first_lineage(self) -> str:
         """

@@ -17,9 +17,12 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from resumable._knobs import PREEMPTED_EXIT_CODE, SIGNALS, env_int, env_str
 from resumable._progress import ProgressDisplay
-from resumable._runtime import list_snapshots, run
-from resumable._step import Step
+from resumable._runtime import list_snapshots, run_with
+from resumable._settings import Settings
+from resumable._signals import SignalCatcher, StopRequest, parse_signals
+from resumable._step import Step, check_signals
 from resumable.errors import (
     ConfigurationError,
     ResumableError,
@@ -60,8 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _parser().parse_args(ours)
     _configure_logging(options.verbose - options.quiet)
     try:
-        step = find_step(options.script, script_args)
-        result = run(
+        stop = StopRequest()
+        step = _load_catching_signals(options, script_args, stop)
+        settings = Settings.resolve(
             step,
             storage=options.storage,
             steps=options.steps,
@@ -72,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             signals=options.signals,
             preempted_exit_code=options.preempted_exit_code,
             max_attempts=options.max_attempts,
-            progress=ProgressDisplay(sys.stderr),
         )
+        progress = ProgressDisplay(sys.stderr)
+        result = run_with(step, settings, progress=progress, stop=stop)
     except ResumableError as err:
         return _report(err)
     except Exception:
@@ -87,9 +92,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _preempted_code(options.preempted_exit_code)
 
 
-def _preempted_code(given: int | None) -> int:
-    from resumable._knobs import PREEMPTED_EXIT_CODE, env_int
+def _load_catching_signals(
+    options: argparse.Namespace, script_args: Sequence[str], stop: StopRequest
+) -> Step[Any]:
+    """Load the script with stop signals already caught: imports can be slow."""
+    names = options.signals or env_str(SIGNALS) or ()
+    catcher = SignalCatcher(
+        stop,
+        parse_signals(check_signals(names)),
+        _preempted_code(options.preempted_exit_code),
+    )
+    catcher.install()
+    try:
+        return find_step(options.script, script_args)
+    finally:
+        catcher.restore()
 
+
+def _preempted_code(given: int | None) -> int:
     if given is not None:
         return given
     from_environment = env_int(PREEMPTED_EXIT_CODE, 0)

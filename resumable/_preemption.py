@@ -32,8 +32,9 @@ _ASSUMED_THROUGHPUT = 50e6
 class Preemption:
     """Stop requests and the grace budget of one run."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.stop = StopRequest()
+    def __init__(self, settings: Settings, stop: StopRequest | None = None) -> None:
+        # A request may come from handlers installed before the run began.
+        self.stop = stop or StopRequest()
         self.grace = settings.grace
         self.deadline = settings.grace - min(
             _MARGIN_CAP, settings.grace * _MARGIN_SHARE
@@ -42,7 +43,9 @@ class Preemption:
         self._catcher = SignalCatcher(
             self.stop, parse_signals(settings.signals), self.exit_code
         )
-        self._watchdog = Watchdog(self.stop, self.deadline, self.exit_code)
+        self._watchdog = Watchdog(
+            self.stop, self.deadline, self.exit_code, self._catcher
+        )
         self._write_seconds: list[float] = []
         # Bytes of the state's tensors and arrays, for a first estimate.
         self.state_bytes = 0

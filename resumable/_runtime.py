@@ -25,6 +25,7 @@ from resumable._iterate import (
 from resumable._preemption import Preemption
 from resumable._rng import find_generators
 from resumable._settings import Settings
+from resumable._signals import StopRequest
 from resumable._snapshot import new_lineage, parse_snapshot_name
 from resumable._state import (
     Metrics,
@@ -122,8 +123,20 @@ def run(
         preempted_exit_code=preempted_exit_code,
         max_attempts=max_attempts,
     )
+    return run_with(step, settings, storage_options=storage_options, progress=progress)
+
+
+def run_with(
+    step: Step[StateT],
+    settings: Settings,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    stop: StopRequest | None = None,
+) -> Result[StateT]:
+    """Run with resolved settings; ``stop`` carries a request made before the run."""
     backend = Storage.open(settings.storage, storage_options)
-    runtime = Runtime(step, settings, backend, progress)
+    runtime = Runtime(step, settings, backend, progress, stop)
 
     return runtime.run()
 
@@ -184,12 +197,15 @@ class Runtime(Generic[StateT]):
         settings: Settings,
         storage: Storage,
         progress: Progress | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.step = step
         self.settings = settings
         self.archive = Archive(storage, step.program)
         self.progress = progress
-        self.preemption = Preemption(settings)
+        self.preemption = Preemption(settings, stop)
+        # The start marker this run wrote into the snapshot it resumed from.
+        self.start_marker: tuple[str, str] | None = None
         # The chain of snapshots this run continues, and its newest commit number.
         self.lineage = new_lineage()
         self.generation = 0
@@ -239,6 +255,10 @@ class Runtime(Generic[StateT]):
                 done = self._run_steps(state, done, history, replay)
         result = Result(state, done, history, settings.storage, settings.steps)
         result.preempted = self.preemption.preempted
+        if result.preempted and self.start_marker is not None:
+            # A stop asked for is no failure: only starts that end otherwise
+            # count towards max_attempts.
+            self.archive.storage.delete_object(*self.start_marker)
 
         return result
 
@@ -271,7 +291,10 @@ class Runtime(Generic[StateT]):
         manifest = loaded.manifest
         history = decode_snapshot(state, loaded.tree, loaded.buffers)
         if manifest.step < self.settings.steps or manifest.inside_step:
-            self.archive.record_start(manifest, self.settings.max_attempts)
+            marker = self.archive.record_start(manifest, self.settings.max_attempts)
+            self.start_marker = (manifest.name, marker)
+        if manifest.write_seconds is not None:
+            self.preemption.record_write(manifest.write_seconds)
         logger.info(
             "resumed: step=%d%s, snapshot=%s, storage=%s",
             manifest.step,
@@ -442,11 +465,12 @@ class Runtime(Generic[StateT]):
         started = time.perf_counter()
         self.generation += 1
         inside = None if resume is None else {k: resume[k] for k in ("loop", "item")}
+        content = encode_snapshot(state, history, resume=resume)
         manifest = self.archive.write(
             done,
             (self.lineage, self.generation),
             schema(state),
-            encode_snapshot(state, history, resume=resume),
+            content,
             inside,
         )
         seconds = time.perf_counter() - started

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -39,9 +40,13 @@ class StopRequest:
     def requested(self) -> bool:
         return self.since is not None
 
-    def request(self, signum: int | None, reason: str = "signal") -> None:
+    def request(self, signum: int | None) -> None:
         """Record a request; safe to call from a signal handler."""
         self.count += 1
+        self.arrived(signum)
+
+    def arrived(self, signum: int | None) -> None:
+        """Start the grace period's clock, once: the signal came now."""
         if self.since is None:
             self.signal, self.since = signum, time.monotonic()
 
@@ -78,10 +83,15 @@ class SignalCatcher:
         exit_code: int,
     ) -> None:
         self._stop = stop
-        self._signals = list(signals)
+        self.signals = list(signals)
         self._exit_code = exit_code
         self._previous: dict[signal.Signals, Handler] = {}
         self._pid = os.getpid()
+        # Read end of the pipe that Python's C-level handler writes each signal's
+        # number to at once, even while the main thread is stuck in native code.
+        self.wakeup: int | None = None
+        self._write_end: int | None = None
+        self._previous_wakeup = -1
 
     def install(self) -> bool:
         """Install the handlers; return False where this is not the main thread."""
@@ -89,18 +99,31 @@ class SignalCatcher:
             logger.warning("signals not caught: reason=run outside the main thread")
             return False
         try:
-            for signum in self._signals:
+            for signum in self.signals:
                 if signum not in self._previous:
                     self._previous[signum] = signal.signal(signum, self._handle)
         except (OSError, ValueError):
             self.restore()
             raise
+        self.wakeup, self._write_end = os.pipe()
+        os.set_blocking(self.wakeup, False)
+        os.set_blocking(self._write_end, False)
+        self._previous_wakeup = signal.set_wakeup_fd(
+            self._write_end, warn_on_full_buffer=False
+        )
         return True
 
     def restore(self) -> None:
+        """Put back the handlers that were there, where ours are still installed."""
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            if signal.getsignal(signum) == self._handle:
+                signal.signal(signum, signal.SIG_DFL if previous is None else previous)
         self._previous.clear()
+        if self._write_end is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            for end in (self.wakeup, self._write_end):
+                os.close(end)  # type: ignore[arg-type]  # both set together
+            self.wakeup = self._write_end = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Forked children (DataLoader workers) inherit this handler: there it
@@ -119,12 +142,25 @@ class SignalCatcher:
 
 
 class Watchdog:
-    """Ends the process when a stop request outlives the grace period."""
+    """
+    Ends the process when a stop request outlives the grace period.
 
-    def __init__(self, stop: StopRequest, deadline: float, exit_code: int) -> None:
+    It also starts the grace period's clock when a stop signal arrives, read from
+    the catcher's wakeup pipe, for the handler itself only runs once the main
+    thread is back in Python.
+    """
+
+    def __init__(
+        self,
+        stop: StopRequest,
+        deadline: float,
+        exit_code: int,
+        catcher: SignalCatcher | None = None,
+    ) -> None:
         self._stop = stop
         self._deadline = deadline
         self._exit_code = exit_code
+        self._catcher = catcher
         self._done = threading.Event()
         self._thread = threading.Thread(
             target=self._watch, name="resumable-watchdog", daemon=True
@@ -138,7 +174,8 @@ class Watchdog:
         self._thread.join()
 
     def _watch(self) -> None:
-        while not self._done.wait(_WATCH_INTERVAL):
+        while not self._done.is_set():
+            self._wait_for_signals()
             if self._stop.requested and self._stop.elapsed() >= self._deadline:
                 logger.error(
                     "grace period spent: seconds=%.1f, exiting now, "
@@ -146,3 +183,20 @@ class Watchdog:
                     self._stop.elapsed(),
                 )
                 os._exit(self._exit_code)
+
+    def _wait_for_signals(self) -> None:
+        catcher = self._catcher
+        wakeup = None if catcher is None else catcher.wakeup
+        if catcher is None or wakeup is None:
+            self._done.wait(_WATCH_INTERVAL)
+            return
+        try:
+            readable, _, _ = select.select([wakeup], [], [], _WATCH_INTERVAL)
+            data = os.read(wakeup, 512) if readable else b""
+        except OSError:  # closed by restore() while waiting
+            self._done.wait(_WATCH_INTERVAL)
+            return
+        stops = {int(number) for number in catcher.signals}
+        for number in data:
+            if number in stops:
+                self._stop.arrived(number)

@@ -99,6 +99,8 @@ class Manifest:
     created: float = attrs.Factory(time.time)
     # Where inside a step it was taken ({"loop", "item"}); None at a step's end.
     inside_step: dict[str, int] | None = None
+    # Seconds its objects took to write: a resumed run's first time estimate.
+    write_seconds: float | None = None
     versions: dict[str, str] = attrs.Factory(dict)
     format_version: int = FORMAT_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
@@ -161,10 +163,15 @@ def _manifest_from_record(record: Mapping[str, Any]) -> Manifest:
         objects=objects,
         created=float(record["created"]),
         inside_step=_inside_step(record.get("inside_step")),
+        write_seconds=_optional_float(record.get("write_seconds")),
         versions={str(k): str(v) for k, v in record["versions"].items()},
         format_version=int(record["format_version"]),
         checksum_algorithm=str(record["checksum_algorithm"]),
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _inside_step(value: Any) -> dict[str, int] | None:

@@ -155,6 +155,11 @@ class Storage:
                 return {}
         return {_basename(entry["name"]): int(entry["size"]) for entry in entries}
 
+    def delete_object(self, snapshot: str, name: str) -> None:
+        path = self.path(snapshot, name)
+        with self._translate("delete", path), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
     def delete(self, snapshot: str) -> None:
         """Delete a snapshot: its manifest first, then its folder."""
         # Invariant: the manifest goes first, so nothing torn is ever committed.
