@@ -16,6 +16,7 @@ import contextvars
 import itertools
 import logging
 import signal
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -200,6 +201,7 @@ def _prepare_loader(
     loader: torch.utils.data.DataLoader[Any], context: StepContext
 ) -> None:
     if loader.num_workers > 0:
+        _LOADERS_WITH_WORKERS.add(loader)
         if not isinstance(loader.worker_init_fn, _IgnoreStopSignals):
             loader.worker_init_fn = _IgnoreStopSignals(loader.worker_init_fn)
         if loader.persistent_workers and getattr(loader, "_iterator", None):
@@ -212,6 +214,24 @@ def _prepare_loader(
             "loader order not replayable: the DataLoader's generator is not on the "
             "state; put it in a state field so resume restores it"
         )
+
+
+# Loaders whose workers ignore stop signals: shut down at a run's end, since at
+# interpreter exit multiprocessing would SIGTERM them and wait for ever.
+_LOADERS_WITH_WORKERS: weakref.WeakSet[torch.utils.data.DataLoader[Any]] = (
+    weakref.WeakSet()
+)
+
+
+def shut_down_workers() -> None:
+    """Stop the workers that loaders used by ``iterate`` keep between epochs."""
+    for loader in list(_LOADERS_WITH_WORKERS):
+        iterator = getattr(loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        loader._iterator = None
+    _LOADERS_WITH_WORKERS.clear()
 
 
 class _IgnoreStopSignals:

@@ -7,9 +7,10 @@ and the storage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -21,6 +22,7 @@ from resumable._iterate import (
     Replay,
     StepContext,
     run_in_context,
+    shut_down_workers,
 )
 from resumable._preemption import Preemption
 from resumable._rng import find_generators
@@ -242,7 +244,7 @@ class Runtime(Generic[StateT]):
             settings.every,
             settings.keep,
         )
-        with self.preemption:
+        with self.preemption, _workers_shut_down():
             state = self.step.init()
             check_state(state, f"init() of {self.step.program}")
             done, history, replay = self._resume(state)
@@ -486,6 +488,14 @@ class Runtime(Generic[StateT]):
         )
         self.archive.remove_abandoned(self.lineage, self.generation)
         self.archive.prune(self.settings.keep)
+
+
+@contextlib.contextmanager
+def _workers_shut_down() -> Iterator[None]:
+    try:
+        yield
+    finally:
+        shut_down_workers()
 
 
 def _inside(position: dict[str, int] | None) -> str:
