@@ -65,7 +65,7 @@ def measure(
 
     def resumable_save() -> None:
         content = encode_snapshot(state, [])
-        lineage = ("bench", len(manifests) + 1)
+        lineage = ("bench", len(manifests) + 1, 1)
         manifests.append(archive.write(1, lineage, schema(state), content))
 
     def resumable_load() -> None:

@@ -106,10 +106,29 @@ class Archive:
         return sorted(entries, key=lambda entry: entry.order, reverse=True)
 
     def check_foreign(self, listing: Iterable[Listed]) -> None:
-        """Refuse storage that holds another program's snapshots."""
+        """Refuse storage that holds another program's, or another run's, snapshots."""
+        mine = []
         for entry in listing:
             if entry.manifest and entry.manifest.program != self.program:
                 check_compatible(entry.manifest, self.program, entry.manifest.schema)
+            if entry.manifest:
+                mine.append(entry.manifest)
+        if not mine:
+            return
+        newest = mine[0]
+        for manifest in mine[1:]:
+            if (
+                manifest.lineage != newest.lineage
+                and manifest.generation >= newest.lineage_start
+            ):
+                msg = (
+                    f"The storage {self.storage.url} holds snapshots of two runs of "
+                    f"{self.program}: {newest.name} and {manifest.name} belong to "
+                    "different runs that overlap (one was copied in, or written by "
+                    "another job). Nothing was loaded or deleted; move one run's "
+                    "snapshots away, or give this run its own --storage."
+                )
+                raise IncompatibleSnapshotError(msg)
 
     def newest_verified(
         self, listing: Iterable[Listed], schema: dict[str, Any]
@@ -163,9 +182,10 @@ class Archive:
         for object_name, info in manifest.objects.items():
             found = sizes.get(object_name)
             if found != info.size:
+                what = "missing" if found is None else f"{found} bytes"
                 msg = (
-                    f"object {object_name} is {found} bytes, the manifest says "
-                    f"{info.size} (torn or incomplete write)"
+                    f"object {object_name} is {what}, the manifest says "
+                    f"{info.size} bytes (torn or incomplete write)"
                 )
                 raise SnapshotCorruptError(msg)
         index = self.storage.read(name, INDEX_OBJECT)
@@ -186,15 +206,17 @@ class Archive:
     def write(
         self,
         step: int,
-        lineage: tuple[str, int],
+        lineage: tuple[str, int, int],
         schema: dict[str, Any],
         content: tuple[dict[str, Any], list[Any]],
         inside_step: dict[str, int] | None = None,
+        arguments: list[str] | None = None,
     ) -> Manifest:
         """
         Write and commit a snapshot of ``content``, the tree and its buffers.
 
-        ``lineage`` is the run's lineage id and the generation of this commit.
+        ``lineage`` is the run's lineage id, the generation of this commit and
+        that of the lineage's first commit.
         """
         started = time.perf_counter()
         tree, buffers = content
@@ -216,12 +238,14 @@ class Archive:
             step=step,
             generation=lineage[1],
             lineage=lineage[0],
+            lineage_start=lineage[2],
             program=self.program,
             schema=schema,
             objects=objects,
             versions=current_versions(),
             inside_step=inside_step,
             write_seconds=time.perf_counter() - started,
+            arguments=arguments,
         )
         # Invariant: the manifest is written last, after every object is durable.
         self.storage.commit(name, manifest.to_bytes())
@@ -232,7 +256,7 @@ class Archive:
         """Delete this run's uncommitted attempts from generations up to this one."""
         for name in self.storage.uncommitted():
             attempt = self._attempt(name)
-            empty = not self.storage.sizes(name)
+            empty = not any(self.storage.sizes(name).values())
             if empty or (
                 attempt is not None
                 and attempt.get("program") == self.program
@@ -250,7 +274,9 @@ class Archive:
             attempt = self._attempt(name) or {}
             owner = (attempt.get("program"), attempt.get("lineage"))
             # An empty folder holds nothing to protect: a write killed at once.
-            ours = owner == (self.program, lineage) or not self.storage.sizes(name)
+            ours = owner == (self.program, lineage) or not any(
+                self.storage.sizes(name).values()
+            )
             (mine if ours else foreign).append(name)
         return mine, foreign
 

@@ -22,7 +22,7 @@ from resumable._progress import ProgressDisplay
 from resumable._runtime import list_snapshots, run_with
 from resumable._settings import Settings
 from resumable._signals import SignalCatcher, StopRequest, parse_signals
-from resumable._step import Step, check_signals
+from resumable._step import SCRIPT_MODULE, Step, check_signals
 from resumable.errors import (
     ConfigurationError,
     ResumableError,
@@ -40,9 +40,6 @@ EXIT_USAGE = 2
 EXIT_USER_CODE = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_STORAGE = 5
-# Module name under which the user's script is loaded, the same in every run, so
-# that pickles of its classes find them again.
-SCRIPT_MODULE = "__resumable_script__"
 
 _USAGE = """\
 python -m resumable SCRIPT[:STEP] [options] [-- SCRIPT-ARGS]
@@ -76,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signals=options.signals,
             preempted_exit_code=options.preempted_exit_code,
             max_attempts=options.max_attempts,
+            arguments=tuple(script_args),
         )
         progress = ProgressDisplay(sys.stderr)
         result = run_with(step, settings, progress=progress, stop=stop)
@@ -123,7 +121,9 @@ def find_step(target: str, script_args: Sequence[str] = ()) -> Step[Any]:
     Raises:
         ConfigurationError: No script there, or not exactly one step fits.
     """
-    path, _, name = target.partition(":")
+    path, name = target, ""
+    if not os.path.isfile(target) and ":" in target:
+        path, _, name = target.rpartition(":")
     module = load_script(path, script_args)
     steps = {
         value.name: value for value in vars(module).values() if isinstance(value, Step)
@@ -163,7 +163,11 @@ def load_script(path: str, script_args: Sequence[str] = ()) -> ModuleType:
     sys.modules[SCRIPT_MODULE] = module
     sys.argv = [path, *script_args]
     sys.path.insert(0, os.path.dirname(path))
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        msg = f"{path} is not valid Python: {err}. Fix the script."
+        raise ConfigurationError(msg) from err
 
     return module
 
@@ -236,6 +240,16 @@ def _count(minimum: int) -> Any:
 
 
 def _main_ls(argv: list[str]) -> int:
+    try:
+        return _list(argv)
+    except BrokenPipeError:
+        # The reader (head, say) closed the pipe: not an error of ours. Point
+        # stdout at /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FINISHED
+
+
+def _list(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m resumable ls",
         description="List the snapshots at URL and check that each verifies.",

@@ -35,6 +35,8 @@ Node = dict[str, Any]
 TRANSIENT_KEY = "resumable.transient"
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
+# Device types already warned about as missing, so that a model warns once.
+_WARNED_DEVICES: set[str] = set()
 _CAPTURE_ADVICE = (
     "Mark the field resumable.transient() and rebuild it in init(), or give the "
     "object state_dict() and load_state_dict() methods."
@@ -65,7 +67,8 @@ def unwrap_module(module: torch.nn.Module) -> torch.nn.Module:
 
 def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
     """Return the raw bytes of a dense tensor as a flat uint8 array, on the CPU."""
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    flat = tensor.detach().resolve_conj().resolve_neg().to("cpu").contiguous()
+    flat = flat.reshape(-1)
     return flat.view(torch.uint8).numpy()
 
 
@@ -148,6 +151,7 @@ class Encoder:
         node = {
             "state": self.encode(inner.state_dict(), f"{path}.state_dict()"),
             "training": [child.training for child in inner.modules()],
+            "requires_grad": [p.requires_grad for p in inner.parameters()],
         }
         if self._grads:
             grads = {name: p.grad for name, p in inner.named_parameters()}
@@ -300,6 +304,10 @@ class Decoder:
             raise IncompatibleSnapshotError(msg) from None
         if "grads" in node:
             self._restore_grads(inner, node["grads"], path)
+        parameters = list(inner.parameters())
+        if len(parameters) == len(node.get("requires_grad", ())):
+            for parameter, flag in zip(parameters, node["requires_grad"], strict=True):
+                parameter.requires_grad_(flag)
         modules = list(inner.modules())
         if len(modules) == len(node["training"]):
             for module, training in zip(modules, node["training"], strict=True):
@@ -475,7 +483,9 @@ def _device(kind: str, path: str) -> torch.device:
     available = getattr(torch, kind, None)
     if available is not None and available.is_available():
         return torch.device(kind)
-    logger.warning("device missing: path=%s, device=%s, placed on cpu", path, kind)
+    if kind not in _WARNED_DEVICES:
+        _WARNED_DEVICES.add(kind)
+        logger.warning("device missing: device=%s, first=%s, placed on cpu", kind, path)
     return torch.device("cpu")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from resumable.errors import ConfigurationError
 
@@ -15,9 +17,24 @@ EVERY = ENV_PREFIX + "EVERY"
 KEEP = ENV_PREFIX + "KEEP"
 
 
+# False while settings are resolved without the environment.
+_enabled = True
+
+
+@contextlib.contextmanager
+def environment(*, enabled: bool) -> Iterator[None]:
+    """Read the variables, or act as if none were set, within the block."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
 def env_str(name: str) -> str | None:
     """Return a variable's value, or None where it is unset or empty."""
-    return os.environ.get(name) or None
+    return (os.environ.get(name) or None) if _enabled else None
 
 
 def env_int(name: str, minimum: int) -> int | None:

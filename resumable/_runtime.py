@@ -25,10 +25,10 @@ from resumable._iterate import (
     shut_down_workers,
 )
 from resumable._preemption import Preemption
-from resumable._rng import find_generators
+from resumable._rng import capture_global_rngs, find_generators, restore_global_rngs
 from resumable._settings import Settings
 from resumable._signals import StopRequest
-from resumable._snapshot import new_lineage, parse_snapshot_name
+from resumable._snapshot import Manifest, new_lineage, parse_snapshot_name
 from resumable._state import (
     Metrics,
     check_capturable,
@@ -42,6 +42,7 @@ from resumable._step import Step
 from resumable._storage import Storage
 from resumable.errors import (
     ConfigurationError,
+    IncompatibleSnapshotError,
     NoSnapshotError,
     SnapshotError,
     StorageError,
@@ -138,6 +139,7 @@ def run_with(
 ) -> Result[StateT]:
     """Run with resolved settings; ``stop`` carries a request made before the run."""
     backend = Storage.open(settings.storage, storage_options)
+    backend.check_writable()
     runtime = Runtime(step, settings, backend, progress, stop)
 
     return runtime.run()
@@ -159,13 +161,24 @@ def load(
     settings = Settings.resolve(step, storage=storage)
     backend = Storage.open(settings.storage, storage_options, create=False)
     archive = Archive(backend, step.program)
+    step.expose_script()
+    # Loading for evaluation must not move the caller's random streams, which
+    # init() and the restore both touch.
+    rngs = capture_global_rngs()
+    try:
+        return _load(step, archive, settings.storage)
+    finally:
+        restore_global_rngs(rngs)
+
+
+def _load(step: Step[StateT], archive: Archive, storage: str) -> StateT:
     state = step.init()
     check_state(state, "init()")
     listing = archive.listing()
     archive.check_foreign(listing)
     loaded = archive.newest_verified(listing, schema(state))
     if loaded is None:
-        msg = f"No snapshot of {step.program} at {settings.storage}."
+        msg = f"No snapshot of {step.program} at {storage}."
         raise NoSnapshotError(msg)
     decode_snapshot(state, loaded.tree, loaded.buffers)
 
@@ -208,9 +221,11 @@ class Runtime(Generic[StateT]):
         self.preemption = Preemption(settings, stop)
         # The start marker this run wrote into the snapshot it resumed from.
         self.start_marker: tuple[str, str] | None = None
-        # The chain of snapshots this run continues, and its newest commit number.
+        # The chain of snapshots this run continues, its newest commit number and
+        # that of its first commit.
         self.lineage = new_lineage()
         self.generation = 0
+        self.lineage_start = 1
         # Steps done at the newest snapshot committed or loaded by this process.
         self.saved_at: int | None = None
         # Stop after this many steps as if killed there; used by resumable.testing.
@@ -244,6 +259,7 @@ class Runtime(Generic[StateT]):
             settings.every,
             settings.keep,
         )
+        self.step.expose_script()
         with self.preemption, _workers_shut_down():
             state = self.step.init()
             check_state(state, f"init() of {self.step.program}")
@@ -268,6 +284,7 @@ class Runtime(Generic[StateT]):
         listing = self.archive.listing()
         self.archive.check_foreign(listing)
         self.generation = max((entry.order[0] for entry in listing), default=0)
+        self.lineage_start = self.generation + 1
         for name in self.archive.storage.unrecognised():
             logger.warning("unrecognised entry left alone: name=%s", name)
         if self.settings.fresh and listing:
@@ -279,7 +296,9 @@ class Runtime(Generic[StateT]):
         if not self.settings.fresh:
             loaded = self.archive.newest_verified(listing, schema(state))
         if loaded is not None:
+            self._check_arguments(loaded.manifest)
             self.lineage = loaded.manifest.lineage
+            self.lineage_start = loaded.manifest.lineage_start
         elif not self.settings.fresh:
             self.lineage = self.archive.first_lineage()
         self._report_attempts()
@@ -317,6 +336,17 @@ class Runtime(Generic[StateT]):
 
         position = Position(point["loop"], point["item"])
         return manifest.step, history, Replay(position, point["rngs"], restore_again)
+
+    def _check_arguments(self, manifest: Manifest) -> None:
+        given, saved = self.settings.arguments, manifest.arguments
+        if given is None or saved is None or list(given) == saved:
+            return
+        msg = (
+            f"Snapshot {manifest.name} comes from a run with script arguments "
+            f"{saved}, and this one has {list(given)}. Run the same command to "
+            "resume, or start over with --fresh (or another --storage)."
+        )
+        raise IncompatibleSnapshotError(msg)
 
     def _report_attempts(self) -> None:
         mine, foreign = self.archive.attempts(self.lineage)
@@ -470,10 +500,11 @@ class Runtime(Generic[StateT]):
         content = encode_snapshot(state, history, resume=resume)
         manifest = self.archive.write(
             done,
-            (self.lineage, self.generation),
+            (self.lineage, self.generation, self.lineage_start),
             schema(state),
             content,
             inside,
+            None if self.settings.arguments is None else list(self.settings.arguments),
         )
         seconds = time.perf_counter() - started
         self.preemption.record_write(seconds)
@@ -521,7 +552,7 @@ def _check_metrics(metrics: object, index: int) -> Metrics | None:
             if isinstance(value, str | bytes):
                 raise TypeError
             number = float(detach() if callable(detach) else value)
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError, RuntimeError, OverflowError):
             msg = (
                 f"Step {index} returned metric {key!r} = {value!r}; metric values "
                 "must be numbers (a float, an int or a one-element tensor)."

@@ -36,10 +36,23 @@ class Settings:
     signals: tuple[str, ...] = DEFAULT_SIGNALS
     preempted_exit_code: int = DEFAULT_PREEMPTED_EXIT_CODE
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    # The script's own arguments, where the CLI runs it; None from Python.
+    arguments: tuple[str, ...] | None = None
 
     @classmethod
-    def resolve(cls, step: Step[Any], **given: Any) -> Settings:
-        """Resolve each option: argument, then RESUMABLE_* variable, then decorator."""
+    def resolve(
+        cls, step: Step[Any], *, use_environment: bool = True, **given: Any
+    ) -> Settings:
+        """
+        Resolve each option: argument, then RESUMABLE_* variable, then decorator.
+
+        ``use_environment=False`` skips the variables (resumable.testing).
+        """
+        with _knobs.environment(enabled=use_environment):
+            return cls._resolve(step, given)
+
+    @classmethod
+    def _resolve(cls, step: Step[Any], given: dict[str, Any]) -> Settings:
         storage = given.get("storage") or _knobs.env_str(_knobs.STORAGE)
         storage = storage or step.storage
         settings = cls(
@@ -57,6 +70,7 @@ class Settings:
                 0,
                 DEFAULT_PREEMPTED_EXIT_CODE,
             ),
+            arguments=given.get("arguments"),
             max_attempts=_first(
                 given.get("max_attempts"), _knobs.MAX_ATTEMPTS, 1, DEFAULT_MAX_ATTEMPTS
             ),

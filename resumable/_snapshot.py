@@ -93,6 +93,9 @@ class Manifest:
     step: int
     generation: int
     lineage: str
+    # The generation of the lineage's first commit: older ones of other lineages
+    # were superseded (--fresh); newer ones come from another run.
+    lineage_start: int
     program: str
     schema: dict[str, Any]
     objects: dict[str, ObjectInfo]
@@ -101,6 +104,8 @@ class Manifest:
     inside_step: dict[str, int] | None = None
     # Seconds its objects took to write: a resumed run's first time estimate.
     write_seconds: float | None = None
+    # The script's own arguments, where the CLI ran it.
+    arguments: list[str] | None = None
     versions: dict[str, str] = attrs.Factory(dict)
     format_version: int = FORMAT_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
@@ -111,6 +116,7 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         record = attrs.asdict(self, recurse=True)
+        record["manifest_checksum"] = _record_checksum(record)
         return json.dumps(record, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -138,6 +144,9 @@ class Manifest:
                 f"{FORMAT_VERSION} this resumable reads. Upgrade resumable to load it."
             )
             raise IncompatibleSnapshotError(msg)
+        if record.get("manifest_checksum") != _record_checksum(record):
+            msg = f"Manifest of {name} fails its own checksum (damaged bytes)."
+            raise SnapshotCorruptError(msg)
         try:
             manifest = _manifest_from_record(record)
         except (AttributeError, KeyError, TypeError, ValueError) as err:
@@ -158,16 +167,28 @@ def _manifest_from_record(record: Mapping[str, Any]) -> Manifest:
         step=int(record["step"]),
         generation=int(record["generation"]),
         lineage=str(record["lineage"]),
+        lineage_start=int(record["lineage_start"]),
         program=str(record["program"]),
         schema=dict(record["schema"]),
         objects=objects,
         created=float(record["created"]),
         inside_step=_inside_step(record.get("inside_step")),
         write_seconds=_optional_float(record.get("write_seconds")),
+        arguments=_optional_strings(record.get("arguments")),
         versions={str(k): str(v) for k, v in record["versions"].items()},
         format_version=int(record["format_version"]),
         checksum_algorithm=str(record["checksum_algorithm"]),
     )
+
+
+def _record_checksum(record: Mapping[str, Any]) -> str:
+    """Checksum of a manifest's record, without the checksum itself."""
+    rest = {key: value for key, value in record.items() if key != "manifest_checksum"}
+    return checksum(json.dumps(rest, sort_keys=True).encode())
+
+
+def _optional_strings(value: Any) -> list[str] | None:
+    return None if value is None else [str(item) for item in value]
 
 
 def _optional_float(value: Any) -> float | None:

@@ -7,6 +7,7 @@ import inspect
 import math
 import os
 import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -21,6 +22,9 @@ StepFunction = Callable[[StateT, int], Mapping[str, Any] | None]
 
 # Signals that ask a run to stop, by default: schedulers, Ctrl-C, SLURM's warning.
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+# Module name under which the CLI loads the user's script, the same in every run,
+# so that pickles of the script's classes find them again.
+SCRIPT_MODULE = "__resumable_script__"
 # Folder, next to the script, that holds runs given no storage URL.
 DEFAULT_FOLDER = ".resumable"
 
@@ -87,6 +91,16 @@ class Step(Generic[StateT]):
         stem = os.path.splitext(os.path.basename(script))[0]
         folder = os.path.join(os.path.dirname(script), DEFAULT_FOLDER)
         return os.path.join(folder, f"{stem}.{self.name}")
+
+    def expose_script(self) -> None:
+        """
+        Let pickles made under the CLI find the script's classes here too, where
+        the script was imported under another name (``python train.py``, an
+        evaluation script that imports it).
+        """
+        module = sys.modules.get(self.function.__module__)
+        if module is not None:
+            sys.modules.setdefault(SCRIPT_MODULE, module)
 
     def run(self, **options: Any) -> Result[StateT]:
         """Run the loop; takes the options of ``resumable.run``."""

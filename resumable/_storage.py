@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
@@ -24,7 +25,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from resumable._snapshot import ATTEMPT_OBJECT, MANIFEST_SUFFIX, parse_snapshot_name
-from resumable.errors import StorageError
+from resumable.errors import ConfigurationError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,24 @@ class Storage:
         try:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError) as err:
-            msg = f"Cannot open storage {url!r}: {err}. Check the URL and its scheme."
-            raise StorageError(msg) from None
+            msg = (
+                f"Cannot open storage {url!r}: {err}. Check the URL, its scheme, "
+                "and that the package for that scheme is installed."
+            )
+            raise ConfigurationError(msg) from None
         storage = cls(fs, root, url)
         if create:
-            with storage._translate("create the snapshot folder at"):
+            try:
                 fs.makedirs(storage.root, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                msg = (
+                    f"Storage {url!r} names a file, not a folder. Give the path of "
+                    "a folder (it is created if missing)."
+                )
+                raise ConfigurationError(msg) from None
+            except OSError:
+                with storage._translate("create the snapshot folder at"):
+                    raise
 
         return storage
 
@@ -154,6 +167,26 @@ class Storage:
             except FileNotFoundError:
                 return {}
         return {_basename(entry["name"]): int(entry["size"]) for entry in entries}
+
+    def check_writable(self) -> None:
+        """
+        Write and delete a small probe file, so that a read-only storage fails
+        before any training rather than at the first snapshot.
+
+        Raises:
+            StorageError: The storage cannot be written.
+        """
+        probe = self.path(f".resumable-probe-{uuid.uuid4().hex[:12]}")
+        with self._translate("write to", self.root):
+            try:
+                self.fs.pipe_file(probe, b"")
+            except OSError as err:
+                msg = (
+                    f"Storage {self.url!r} cannot be written ({err}). Check its "
+                    "permissions or mount, or give another --storage."
+                )
+                raise StorageError(msg) from err
+            self.fs.rm_file(probe)
 
     def delete_object(self, snapshot: str, name: str) -> None:
         path = self.path(snapshot, name)

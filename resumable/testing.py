@@ -50,14 +50,19 @@ def run_steps(
     storage: str | None = None,
     every: int | None = None,
     seed: int = 0,
+    **options: Any,
 ) -> Result[StateT]:
     """
     Run ``step`` for ``steps`` steps (the decorator's count by default).
 
     The global RNGs are seeded with ``seed`` first, and storage is a fresh
-    in-memory one unless given.
+    in-memory one unless given. ``options`` are further options of
+    ``resumable.run`` (keep, grace, max_attempts, ...); RESUMABLE_* variables
+    are not read.
     """
-    return run_killed(step, None, steps=steps, storage=storage, every=every, seed=seed)
+    return run_killed(
+        step, None, steps=steps, storage=storage, every=every, seed=seed, **options
+    )
 
 
 def run_killed(
@@ -68,6 +73,7 @@ def run_killed(
     storage: str | None = None,
     every: int | None = None,
     seed: int = 0,
+    **options: Any,
 ) -> Result[StateT]:
     """
     Run ``step`` and stop after step ``kill_after`` as if the process died there.
@@ -75,7 +81,7 @@ def run_killed(
     What was committed by then stays on the storage; the rest is lost, as in a
     SIGKILL. With ``kill_after`` None the run goes to the end.
     """
-    runtime = _runtime(step, steps=steps, storage=storage, every=every)
+    runtime = _runtime(step, steps=steps, storage=storage, every=every, **options)
     runtime.stop_after = kill_after
     seed_global_rngs(seed)
 
@@ -92,6 +98,7 @@ def run_preempted(
     storage: str | None = None,
     every: int | None = None,
     seed: int = 0,
+    **options: Any,
 ) -> Result[StateT]:
     """
     Run ``step`` with a stop request as a scheduler's signal would make one.
@@ -102,7 +109,7 @@ def run_preempted(
     of the step where ``at_item`` is None. The run snapshots there and returns
     with ``result.preempted`` true, as the CLI would exit.
     """
-    runtime = _runtime(step, steps=steps, storage=storage, every=every)
+    runtime = _runtime(step, steps=steps, storage=storage, every=every, **options)
     runtime.preemption.simulate = (at_step, at_loop, at_item)
     seed_global_rngs(seed)
 
@@ -115,9 +122,16 @@ def _runtime(
     steps: int | None,
     storage: str | None,
     every: int | None,
+    **options: Any,
 ) -> Runtime[StateT]:
+    # Tests mean what they say: RESUMABLE_* variables do not change them.
     settings = Settings.resolve(
-        step, storage=storage or memory_storage(), steps=steps, every=every
+        step,
+        use_environment=False,
+        storage=storage or memory_storage(),
+        steps=steps,
+        every=every,
+        **options,
     )
     return Runtime(step, settings, Storage.open(settings.storage))
 
@@ -150,10 +164,12 @@ def assert_resumes_identically(
     storage = memory_storage()
     for kill in kill_after:
         run_killed(step, kill, steps=steps, storage=storage, every=every, seed=seed)
+        _check_resumable(storage, f"a kill after step {kill}")
     for at_step, at_item in preempt_at:
         run_preempted(
             step, at_step, at_item, steps=steps, storage=storage, every=every, seed=seed
         )
+        _check_resumable(storage, f"a preemption at step {at_step}, item {at_item}")
     actual = run_steps(step, steps, storage=storage, every=every, seed=seed)
     problems = diff_states(expected.state, actual.state)
     if expected.history != actual.history:
@@ -163,6 +179,17 @@ def assert_resumes_identically(
     if problems:
         report = "\n  ".join(problems)
         msg = f"Resumed run differs from the uninterrupted one:\n  {report}"
+        raise AssertionError(msg)
+
+
+def _check_resumable(storage: str, when: str) -> None:
+    """Fail where an interruption left nothing to resume: that would test nothing."""
+    if not Storage.open(storage).committed():
+        msg = (
+            f"No snapshot was committed before {when}, so the next run starts over "
+            "and nothing of resume is tested. Choose a later point or a smaller "
+            "every."
+        )
         raise AssertionError(msg)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 import resumable
 from resumable import testing
+from resumable._snapshot import _record_checksum
 
 STEPS = 6
 KILL_AFTER = 3
@@ -188,6 +189,7 @@ def rewrite_devices(storage: Path, device: str) -> int:
         "size": len(data),
         "checksum": xxhash.xxh3_64_hexdigest(data),
     }
+    manifest["manifest_checksum"] = _record_checksum(manifest)
     manifest_path.write_text(json.dumps(manifest))
     return changed
 

@@ -30,6 +30,7 @@ import xxhash
 
 import resumable
 from resumable import testing
+from resumable._snapshot import _record_checksum
 
 STEPS = 5
 SCRIPT = Path(__file__).parent / "scripts" / "case_b18_state.py"
@@ -228,6 +229,7 @@ def rewrite_trees(storage: Path, edit: Callable[[dict[str, Any]], None]) -> None
             "size": len(data),
             "checksum": xxhash.xxh3_64_hexdigest(data),
         }
+        manifest["manifest_checksum"] = _record_checksum(manifest)
         manifest_path.write_text(json.dumps(manifest))
 
 

@@ -270,18 +270,18 @@ def test_other_programs_storage_exits_4(tmp_path, cli):
     assert "'cli_train.py:train', not of 'other_job.py:train'" in err
 
 
-def test_unknown_storage_scheme_exits_5(tmp_path, cli):
-    """A URL of an unknown scheme is a storage failure, exit 5."""
+def test_unknown_storage_scheme_exits_2(tmp_path, cli):
+    """A URL of an unknown scheme is a usage error, exit 2: retrying cannot help."""
     code, out, err = cli(
         script(tmp_path, "cli_train.py"), "--storage", "nosuchscheme://bucket/x"
     )
 
-    assert (5, []) == (code, ran_steps(out))
+    assert (2, []) == (code, ran_steps(out))
     assert "Cannot open storage 'nosuchscheme://bucket/x'" in err
 
 
-def test_storage_under_a_regular_file_exits_5(tmp_path, cli):
-    """A storage path that cannot be a folder is a storage failure, exit 5."""
+def test_storage_under_a_regular_file_exits_2(tmp_path, cli):
+    """A storage path that cannot be a folder is a usage error, exit 2."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
 
@@ -289,7 +289,7 @@ def test_storage_under_a_regular_file_exits_5(tmp_path, cli):
         script(tmp_path, "cli_train.py"), "--storage", str(blocker / "store")
     )
 
-    assert 5 == code
+    assert 2 == code
     assert str(blocker / "store") in err
 
 
@@ -375,11 +375,11 @@ def test_ls_of_a_missing_folder_creates_nothing(tmp_path, cli):
     assert "no snapshots at" in out
 
 
-def test_ls_of_an_unusable_url_exits_5(cli):
-    """ls of a URL that names no usable storage is a storage failure."""
+def test_ls_of_an_unusable_url_exits_2(cli):
+    """ls of a URL that names no usable storage is a usage error."""
     code, _, err = cli("ls", "nosuchscheme://x")
 
-    assert 5 == code
+    assert 2 == code
     assert "Cannot open storage" in err
 
 

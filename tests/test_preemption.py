@@ -354,16 +354,15 @@ def test_cadence_snapshot_after_a_stop_respects_the_grace(slow_throughput, log):
 # --- max_attempts -------------------------------------------------------------------
 
 
-def test_resuming_too_often_from_one_snapshot_raises_no_progress(monkeypatch):
+def test_resuming_too_often_from_one_snapshot_raises_no_progress():
     """With max_attempts 2, a third start from one snapshot raises NoProgressError."""
-    monkeypatch.setenv("RESUMABLE_MAX_ATTEMPTS", "2")
     storage = memory_storage()
-    run_killed(work, 3, storage=storage, every=3)
-    run_killed(work, 4, storage=storage, every=3)
-    run_killed(work, 4, storage=storage, every=3)
+    run_killed(work, 3, storage=storage, every=3, max_attempts=2)
+    run_killed(work, 4, storage=storage, every=3, max_attempts=2)
+    run_killed(work, 4, storage=storage, every=3, max_attempts=2)
 
     with pytest.raises(NoProgressError, match=r"started 2 times from snapshot step-"):
-        run_killed(work, 4, storage=storage, every=3)
+        run_killed(work, 4, storage=storage, every=3, max_attempts=2)
     assert [0, 1, 2] == resumable.load(work, storage=storage).done
 
 
@@ -377,37 +376,34 @@ def test_max_attempts_argument_of_run_is_used():
         resumable.run(work, storage=storage, every=3, max_attempts=1)
 
 
-def test_a_newer_snapshot_starts_the_count_again(monkeypatch):
+def test_a_newer_snapshot_starts_the_count_again():
     """Starts are counted per snapshot: progress to a new one allows new starts."""
-    monkeypatch.setenv("RESUMABLE_MAX_ATTEMPTS", "2")
     storage = memory_storage()
-    run_killed(work, 3, storage=storage, steps=9, every=3)
-    run_killed(work, 4, storage=storage, steps=9, every=3)
-    run_killed(work, 6, storage=storage, steps=9, every=3)
-    run_killed(work, 7, storage=storage, steps=9, every=3)
-    run_killed(work, 7, storage=storage, steps=9, every=3)
+    run_killed(work, 3, storage=storage, steps=9, every=3, max_attempts=2)
+    run_killed(work, 4, storage=storage, steps=9, every=3, max_attempts=2)
+    run_killed(work, 6, storage=storage, steps=9, every=3, max_attempts=2)
+    run_killed(work, 7, storage=storage, steps=9, every=3, max_attempts=2)
+    run_killed(work, 7, storage=storage, steps=9, every=3, max_attempts=2)
 
     with pytest.raises(NoProgressError, match="step-000000006"):
-        run_killed(work, 7, storage=storage, steps=9, every=3)
+        run_killed(work, 7, storage=storage, steps=9, every=3, max_attempts=2)
 
 
-def test_starts_from_a_snapshot_inside_a_step_are_counted(monkeypatch):
+def test_starts_from_a_snapshot_inside_a_step_are_counted():
     """A snapshot taken inside a step counts its starts like any other."""
-    monkeypatch.setenv("RESUMABLE_MAX_ATTEMPTS", "1")
     storage = memory_storage()
-    run_preempted(work, 1, 2, storage=storage, every=10)
-    run_killed(work, 2, storage=storage, every=10)
+    run_preempted(work, 1, 2, storage=storage, every=10, max_attempts=1)
+    run_killed(work, 2, storage=storage, every=10, max_attempts=1)
 
     with pytest.raises(NoProgressError):
-        run_killed(work, 2, storage=storage, every=10)
+        run_killed(work, 2, storage=storage, every=10, max_attempts=1)
 
 
-def test_rerunning_a_finished_run_is_no_attempt(monkeypatch):
+def test_rerunning_a_finished_run_is_no_attempt():
     """A finished run can be started again and again without NoProgressError."""
-    monkeypatch.setenv("RESUMABLE_MAX_ATTEMPTS", "1")
     storage = memory_storage()
-    run_steps(work, storage=storage)
+    run_steps(work, storage=storage, max_attempts=1)
 
-    results = [run_steps(work, storage=storage).step for _ in range(3)]
+    results = [run_steps(work, storage=storage, max_attempts=1).step for _ in range(3)]
 
     assert [5, 5, 5] == results

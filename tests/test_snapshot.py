@@ -13,6 +13,7 @@ from resumable._snapshot import (
     FORMAT_VERSION,
     Manifest,
     ObjectInfo,
+    _record_checksum,
     buffer_table,
     buffer_views,
     check_compatible,
@@ -35,6 +36,7 @@ def _manifest(**changes: Any) -> Manifest:
         "step": 12,
         "generation": 3,
         "lineage": "0" * 32,
+        "lineage_start": 1,
         "program": PROGRAM,
         "schema": SCHEMA,
         "objects": {
@@ -52,6 +54,7 @@ def _record(**changes: Any) -> bytes:
     """Return the bytes of a valid manifest of NAME, updated by ``changes``."""
     record = json.loads(_manifest().to_bytes())
     record.update(changes)
+    record["manifest_checksum"] = _record_checksum(record)
     return json.dumps(record).encode()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from resumable._storage import Storage
-from resumable.errors import StorageError
+from resumable.errors import ConfigurationError, StorageError
 
 NAME = "step-000000001-aaaaaaaaaaaa"
 OTHER = "step-000000002-bbbbbbbbbbbb"
@@ -125,22 +125,22 @@ def test_unrecognised_lists_foreign_entries(storage_url: str) -> None:
     assert expected == (storage.unrecognised(), _lists(storage))
 
 
-def test_open_unknown_protocol_raises_storage_error() -> None:
-    """A URL of an unknown protocol is a StorageError that names the URL."""
+def test_open_unknown_protocol_raises_configuration_error() -> None:
+    """A URL of an unknown protocol is a ConfigurationError that names the URL."""
     url = "nosuchprotocol://bucket/runs"
 
-    with pytest.raises(StorageError) as caught:
+    with pytest.raises(ConfigurationError) as caught:
         Storage.open(url)
 
     assert url in str(caught.value)
 
 
-def test_open_below_regular_file_raises_storage_error(tmp_path: Path) -> None:
-    """A local folder whose parent is a regular file is a StorageError with the URL."""
+def test_open_below_regular_file_raises_configuration_error(tmp_path: Path) -> None:
+    """A folder whose parent is a regular file is a ConfigurationError with the URL."""
     (tmp_path / "file").write_bytes(b"")
     url = f"file://{tmp_path}/file/store"
 
-    with pytest.raises(StorageError) as caught:
+    with pytest.raises(ConfigurationError) as caught:
         Storage.open(url)
 
     assert url in str(caught.value)
