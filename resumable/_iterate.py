@@ -66,6 +66,8 @@ class StepContext:
         generators: list[Any],
         safe_point: Callable[[StepContext, Position], None],
         replay: Replay | None = None,
+        *,
+        expect_loops: bool = True,
     ) -> None:
         self.index = index
         self.generators = generators
@@ -74,15 +76,23 @@ class StepContext:
         # Whether an iterate loop of this step is running.
         self.active = False
         # RNG states at the start of the step, then at the start of each loop.
+        # Capturing them costs tens of microseconds, so a step whose body has
+        # not used iterate before takes the first loop's start for the step's.
         self.rngs: list[dict[str, Any]] = []
-        if replay is None:
-            self.rngs.append(capture_rngs(generators))
-        else:
+        if replay is not None:
             restore_rngs(replay.rngs[0], generators)
             self.rngs.append(replay.rngs[0])
+        elif expect_loops:
+            self.rngs.append(capture_rngs(generators))
+
+    @property
+    def used_loops(self) -> bool:
+        return len(self.rngs) > 1
 
     def enter_loop(self) -> tuple[int, int | None]:
         """Start a loop; return its ordinal and how many items to skip (None: all)."""
+        if not self.rngs:
+            self.rngs.append(capture_rngs(self.generators))
         ordinal = len(self.rngs) - 1
         replay = self.replay
         if replay is None or replay.done:
