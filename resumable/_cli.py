@@ -11,6 +11,7 @@ import datetime
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -77,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         progress = ProgressDisplay(sys.stderr)
         result = run_with(step, settings, progress=progress, stop=stop)
+        # The outcome is decided: a signal while the interpreter exits changes
+        # nothing, and must not turn it into a kill.
+        for name in settings.signals:
+            signal.signal(signal.Signals[name], signal.SIG_IGN)
     except ResumableError as err:
         return _report(err)
     except Exception:

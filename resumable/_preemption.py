@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from contextlib import AbstractContextManager
 from types import TracebackType
 
 from resumable._settings import Settings
@@ -67,6 +68,10 @@ class Preemption:
     ) -> None:
         self._watchdog.stop()
         self._catcher.restore()
+
+    def deferred(self) -> AbstractContextManager[None]:
+        """A block, such as a snapshot write, during which signals go elsewhere."""
+        return self._catcher.deferred()
 
     @property
     def requested(self) -> bool:

@@ -506,14 +506,17 @@ class Runtime(Generic[StateT]):
         self.generation += 1
         inside = None if resume is None else {k: resume[k] for k in ("loop", "item")}
         content = encode_snapshot(state, history, resume=resume)
-        manifest = self.archive.write(
-            done,
-            (self.lineage, self.generation, self.lineage_start),
-            schema(state),
-            content,
-            inside,
-            None if self.settings.arguments is None else list(self.settings.arguments),
-        )
+        with self.preemption.deferred():
+            manifest = self.archive.write(
+                done,
+                (self.lineage, self.generation, self.lineage_start),
+                schema(state),
+                content,
+                inside,
+                None
+                if self.settings.arguments is None
+                else list(self.settings.arguments),
+            )
         seconds = time.perf_counter() - started
         self.preemption.record_write(seconds)
         self.saved_at = done if resume is None else None

@@ -10,13 +10,14 @@ stays as it was, since commits are atomic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import Any
 
@@ -112,6 +113,27 @@ class SignalCatcher:
             self._write_end, warn_on_full_buffer=False
         )
         return True
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """
+        Keep stop signals from the main thread while it is in long system calls.
+
+        A signal delivered to a thread inside a large write waits for the call
+        to return; blocked here, it goes to the watchdog's thread instead, which
+        starts the grace period's clock at once and can end the process in time.
+        """
+        if (
+            not self._previous
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            yield
+            return
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def restore(self) -> None:
         """Put back the handlers that were there, where ours are still installed."""

@@ -24,6 +24,7 @@ from resumable._runtime import Result, Runtime
 from resumable._settings import Settings
 from resumable._step import Step
 from resumable._storage import Storage
+from resumable.errors import ConfigurationError
 
 __all__ = [
     "assert_resumes_identically",
@@ -109,11 +110,25 @@ def run_preempted(
     of the step where ``at_item`` is None. The run snapshots there and returns
     with ``result.preempted`` true, as the CLI would exit.
     """
+    if at_step < 0 or (at_item is not None and at_item < 1):
+        msg = (
+            f"Steps count from 0 and items from 1, not step {at_step}, item {at_item}."
+        )
+        raise ConfigurationError(msg)
     runtime = _runtime(step, steps=steps, storage=storage, every=every, **options)
     runtime.preemption.simulate = (at_step, at_loop, at_item)
     seed_global_rngs(seed)
+    result = runtime.run()
+    if not runtime.preemption.requested:
+        msg = (
+            f"The run never reached step {at_step}"
+            + ("" if at_item is None else f", item {at_item}")
+            + f" before it ended at step {result.step} (steps count from 0, items "
+            "from 1): nothing was preempted."
+        )
+        raise AssertionError(msg)
 
-    return runtime.run()
+    return result
 
 
 def _runtime(

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import attrs
@@ -19,7 +21,11 @@ import torch
 import resumable
 from resumable import testing
 from resumable._storage import Storage
-from resumable.errors import IncompatibleSnapshotError, StorageError
+from resumable.errors import (
+    ConfigurationError,
+    IncompatibleSnapshotError,
+    StorageError,
+)
 from tests.conftest import tiny_train
 
 
@@ -280,3 +286,62 @@ def test_ls_output_cut_short_by_a_pipe_is_no_error(tmp_path: Path) -> None:
     )
 
     assert "" == completed.stderr
+
+
+def test_run_preempted_refuses_a_point_never_reached() -> None:
+    """A preemption point the run never reaches fails instead of testing nothing."""
+    with pytest.raises(AssertionError, match="never reached step 99"):
+        testing.run_preempted(tiny_train, 99)
+    with pytest.raises(ConfigurationError, match="items from 1"):
+        testing.run_preempted(tiny_train, 1, 0)
+
+
+BIG_WRITE = textwrap.dedent(
+    """
+    import time
+    import attrs
+    import torch
+    import resumable
+
+    @attrs.define
+    class State:
+        big: torch.Tensor
+        count: int = 0
+
+    def init():
+        return State(torch.zeros(300 * 2**20))
+
+    @resumable.step(init=init, steps=4)
+    def train(state, step):
+        state.count += 1
+        print("step", step, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_signal_during_a_large_write_exits_within_the_grace(tmp_path: Path) -> None:
+    """A SIGTERM that lands while a large snapshot is written still ends in time."""
+    (tmp_path / "train.py").write_text(BIG_WRITE)
+    command = [sys.executable, "-m", "resumable", "train.py", "--storage", "s"]
+    with subprocess.Popen(
+        [*command, "--grace", "1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            while "step 1" not in process.stdout.readline():
+                pass
+            time.sleep(0.2)  # inside the write of the 1.2 GB snapshot after step 1
+            sent = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)
+            seconds = time.monotonic() - sent
+        finally:
+            process.kill()
+
+    assert 1 == code
+    assert seconds < 1.0 + 0.5, seconds
