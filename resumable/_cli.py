@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.finished:
         return EXIT_FINISHED
     # A preempted run may resume: the scheduler should run the same command.
-    return _preempted_code(options.preempted_exit_code)
+    return settings.preempted_exit_code
 
 
 def _load_catching_signals(
@@ -113,6 +113,7 @@ def _load_catching_signals(
 
 
 def _preempted_code(given: int | None) -> int:
+    """The exit code before settings are resolved (the script is not loaded yet)."""
     if given is not None:
         return given
     from_environment = env_int(PREEMPTED_EXIT_CODE, 0)

@@ -228,10 +228,9 @@ class Runtime(Generic[StateT]):
         self.lineage_start = 1
         # Steps done at the newest snapshot committed or loaded by this process.
         self.saved_at: int | None = None
-        # Whether the step's body runs resumable.iterate loops: then the RNG
-        # states at each step's start are kept for a replay.
-        self.uses_loops = True
-        self.loops_seen = False
+        # Whether the step's body has run resumable.iterate loops (None before
+        # the first step): then the RNG states at each step's start are kept.
+        self.loops_seen: bool | None = None
         # Stop after this many steps as if killed there; used by resumable.testing.
         self.stop_after: int | None = None
 
@@ -414,11 +413,15 @@ class Runtime(Generic[StateT]):
                 self._stop_inside_step(state, context, position, history)
 
         context = StepContext(
-            index, generators, safe_point, replay, expect_loops=self.uses_loops
+            index,
+            generators,
+            safe_point,
+            replay,
+            expect_loops=self.loops_seen is not False,
         )
         returned = run_in_context(context, lambda: self.step(state, index))
         # Once a step has used loops, every later step keeps its start's RNGs.
-        self.uses_loops = self.loops_seen = self.loops_seen or context.used_loops
+        self.loops_seen = bool(self.loops_seen) or context.used_loops
         metrics = _check_metrics(returned, index)
         self.preemption.check_simulated(index, None, None)
         logger.debug(
