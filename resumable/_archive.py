@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -355,14 +355,13 @@ class Archive:
         return record if isinstance(record, dict) else None
 
     def _write(self, name: str, object_name: str, chunks: Iterable[Any]) -> ObjectInfo:
+        # A list, so that the storage may send it again after a transient failure.
+        chunks = list(chunks)
         hasher = Hasher()
+        for chunk in chunks:
+            hasher.update(chunk)
+        size = self.storage.write_object(name, object_name, chunks)
 
-        def hashed() -> Iterator[Any]:
-            for chunk in chunks:
-                hasher.update(chunk)
-                yield chunk
-
-        size = self.storage.write_object(name, object_name, hashed())
         return ObjectInfo(size=size, checksum=hasher.hexdigest())
 
 

@@ -81,7 +81,12 @@ class Storage:
         return "/".join((self.root, *parts))
 
     def write_object(self, snapshot: str, name: str, chunks: Iterable[Any]) -> int:
-        """Write one payload object durably from bytes-like chunks; return its size."""
+        """
+        Write one payload object durably from bytes-like chunks; return its size.
+
+        ``chunks`` may be a list, which a backend may iterate more than once (to
+        send it again after a transient failure), or an iterator, iterated once.
+        """
         path = self.path(snapshot, name)
         with self._translate("write", path):
             if self._local:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import resumable
+from tests.s3server import S3Server
 
 
 @attrs.define
@@ -45,11 +46,41 @@ def tiny_train(state: TinyState, step: int) -> dict[str, float]:
     return {"loss": loss.item()}
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """
+    A moto S3 server on 127.0.0.1 for the whole session.
+
+    s3fs in this process and in child processes reaches it through fsspec's
+    configuration, as a user would point it at their own endpoint.
+    """
+    server = S3Server()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(fsspec.config.conf, "s3", server.options)
+        for name, value in server.environment().items():
+            patch.setenv(name, value)
+        yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server: S3Server) -> Iterator[str]:
+    """An empty storage URL in a bucket of its own on the test S3 server."""
+    bucket = f"resumable-{uuid.uuid4().hex[:16]}"
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(bucket)
+    yield f"s3://{bucket}/store"
+    fs.rm(bucket, recursive=True)
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty storage URL on the local file system or in memory."""
+    """An empty storage URL on the local file system, in memory, or on S3."""
     if request.param == "file":
         yield f"file://{tmp_path}/store"
+        return
+    if request.param == "s3":
+        yield request.getfixturevalue("s3_url")
         return
     url = f"memory://resumable-tests/{uuid.uuid4().hex}"
     yield url
