@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -18,7 +19,14 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-from resumable._knobs import PREEMPTED_EXIT_CODE, SIGNALS, env_int, env_str
+from resumable._knobs import (
+    PREEMPTED_EXIT_CODE,
+    SIGNALS,
+    STORAGE_OPTIONS,
+    env_int,
+    env_json_object,
+    env_str,
+)
 from resumable._progress import ProgressDisplay
 from resumable._runtime import list_snapshots, run_with
 from resumable._settings import Settings
@@ -75,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             preempted_exit_code=options.preempted_exit_code,
             max_attempts=options.max_attempts,
             arguments=tuple(script_args),
+            storage_options=options.storage_option,
         )
         progress = ProgressDisplay(sys.stderr)
         result = run_with(step, settings, progress=progress, stop=stop)
@@ -195,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("script", help="the script, or SCRIPT:STEP to choose a step")
     parser.add_argument("--storage", metavar="URL", help="fsspec URL or path")
+    _add_storage_option(parser)
     parser.add_argument("--steps", type=_count(0), help="steps in all (extends a run)")
     parser.add_argument("--every", type=_count(1), help="snapshot every N steps")
     parser.add_argument("--keep", type=_count(1), help="snapshots to keep")
@@ -230,6 +240,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_storage_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o",
+        "--storage-option",
+        type=_storage_option,
+        action=_MergeOptions,
+        default={},
+        metavar="KEY=VALUE",
+        help="an fsspec storage option, repeatable; VALUE is read as JSON where "
+        "it parses (-o endpoint_url=http://host:9000 -o anon=true)",
+    )
+
+
+class _MergeOptions(argparse.Action):
+    """Collect KEY=VALUE options into one dict, a later key winning."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        merged = {**getattr(namespace, self.dest), **values}
+        setattr(namespace, self.dest, merged)
+
+
+def _storage_option(text: str) -> dict[str, Any]:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        msg = f"{text!r} is not KEY=VALUE"
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+
+    return {key.strip(): parsed}
+
+
 def _count(minimum: int) -> Any:
     def parse(text: str) -> int:
         try:
@@ -261,10 +311,14 @@ def _list(argv: list[str]) -> int:
         description="List the snapshots at URL and check that each verifies.",
     )
     parser.add_argument("url", help="fsspec URL or path of the snapshots")
+    _add_storage_option(parser)
     options = parser.parse_args(argv)
     _configure_logging(-1)
     try:
-        rows = list_snapshots(options.url)
+        from_environment = env_json_object(STORAGE_OPTIONS) or {}
+        rows = list_snapshots(
+            options.url, {**from_environment, **options.storage_option}
+        )
     except ResumableError as err:
         return _report(err)
     print(f"{'step':>9}  {'created (UTC)':19}  {'size':>9}  status  program / name")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from resumable.errors import ConfigurationError
 
@@ -65,6 +67,8 @@ GRACE = ENV_PREFIX + "GRACE"
 SIGNALS = ENV_PREFIX + "SIGNALS"
 PREEMPTED_EXIT_CODE = ENV_PREFIX + "PREEMPTED_EXIT_CODE"
 MAX_ATTEMPTS = ENV_PREFIX + "MAX_ATTEMPTS"
+# A JSON object of fsspec storage options, added to the decorator's key by key.
+STORAGE_OPTIONS = ENV_PREFIX + "STORAGE_OPTIONS"
 
 
 def env_float(name: str, minimum: float) -> float | None:
@@ -84,6 +88,31 @@ def env_float(name: str, minimum: float) -> float | None:
         raise ConfigurationError(msg) from None
     if not value >= minimum:
         msg = f"{name}={value} is below {minimum}. Set it to {minimum} or more."
+        raise ConfigurationError(msg)
+
+    return value
+
+
+def env_json_object(name: str) -> dict[str, Any] | None:
+    """
+    Return a variable's JSON object, or None where it is unset or empty.
+
+    Raises:
+        ConfigurationError: The value is not a JSON object.
+    """
+    text = env_str(name)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        msg = (
+            f"{name} is not valid JSON ({err}). Set it to an object such as "
+            '\'{"endpoint_url": "http://host:9000"}\' or unset it.'
+        )
+        raise ConfigurationError(msg) from None
+    if not isinstance(value, dict):
+        msg = f"{name} must hold a JSON object, not {text!r}."
         raise ConfigurationError(msg)
 
     return value

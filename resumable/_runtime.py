@@ -101,7 +101,8 @@ def run(
             SIGINT and SIGUSR1.
         preempted_exit_code: The exit code the CLI gives a preempted run.
         max_attempts: Starts from one snapshot before the run counts as stuck.
-        storage_options: Passed to fsspec with the URL.
+        storage_options: Passed to fsspec with the URL, over the decorator's and
+            RESUMABLE_STORAGE_OPTIONS, key by key.
         progress: Called after each step with (done, total, metrics).
 
     Returns:
@@ -125,20 +126,20 @@ def run(
         signals=signals,
         preempted_exit_code=preempted_exit_code,
         max_attempts=max_attempts,
+        storage_options=storage_options,
     )
-    return run_with(step, settings, storage_options=storage_options, progress=progress)
+    return run_with(step, settings, progress=progress)
 
 
 def run_with(
     step: Step[StateT],
     settings: Settings,
     *,
-    storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
     stop: StopRequest | None = None,
 ) -> Result[StateT]:
     """Run with resolved settings; ``stop`` carries a request made before the run."""
-    backend = Storage.open(settings.storage, storage_options)
+    backend = Storage.open(settings.storage, settings.storage_options)
     backend.check_writable()
     runtime = Runtime(step, settings, backend, progress, stop)
 
@@ -158,8 +159,8 @@ def load(
         NoSnapshotError: The storage holds no snapshot of this step.
         IncompatibleSnapshotError: Its snapshots do not fit this state.
     """
-    settings = Settings.resolve(step, storage=storage)
-    backend = Storage.open(settings.storage, storage_options, create=False)
+    settings = Settings.resolve(step, storage=storage, storage_options=storage_options)
+    backend = Storage.open(settings.storage, settings.storage_options, create=False)
     archive = Archive(backend, step.program)
     step.expose_script()
     # Loading for evaluation must not move the caller's random streams, which

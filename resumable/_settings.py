@@ -13,6 +13,7 @@ from resumable._step import (
     check_count,
     check_grace,
     check_signals,
+    check_storage_options,
 )
 from resumable.errors import ConfigurationError
 
@@ -38,6 +39,7 @@ class Settings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     # The script's own arguments, where the CLI runs it; None from Python.
     arguments: tuple[str, ...] | None = None
+    storage_options: dict[str, Any] = attrs.field(factory=dict)
 
     @classmethod
     def resolve(
@@ -71,6 +73,9 @@ class Settings:
                 DEFAULT_PREEMPTED_EXIT_CODE,
             ),
             arguments=given.get("arguments"),
+            storage_options=_storage_options(
+                given.get("storage_options"), step.storage_options
+            ),
             max_attempts=_first(
                 given.get("max_attempts"), _knobs.MAX_ATTEMPTS, 1, DEFAULT_MAX_ATTEMPTS
             ),
@@ -96,6 +101,14 @@ def _first(given: int | None, variable: str, minimum: int, declared: int) -> int
         return given
     from_environment = _knobs.env_int(variable, minimum)
     return declared if from_environment is None else from_environment
+
+
+def _storage_options(
+    given: dict[str, Any] | None, declared: dict[str, Any]
+) -> dict[str, Any]:
+    """Merge the options key by key: argument over variable over decorator."""
+    from_environment = _knobs.env_json_object(_knobs.STORAGE_OPTIONS) or {}
+    return {**declared, **from_environment, **check_storage_options(given or {})}
 
 
 def _grace(given: float | None, declared: float) -> float:

@@ -45,6 +45,7 @@ class Step(Generic[StateT]):
         every: int = 1,
         keep: int = 3,
         storage: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         grace: float = 30.0,
         signals: Sequence[str] = (),
     ) -> None:
@@ -56,6 +57,7 @@ class Step(Generic[StateT]):
         check_count("keep", keep, 1)
         check_grace(grace)
         check_signals(signals)
+        self.storage_options = check_storage_options(storage_options or {})
         self.function = function
         self.init = init
         self.steps = steps
@@ -116,6 +118,7 @@ def step(
     every: int = 1,
     keep: int = 3,
     storage: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     grace: float = 30.0,
     signals: Sequence[str] = (),
 ) -> Callable[[StepFunction[StateT]], Step[StateT]]:
@@ -129,6 +132,9 @@ def step(
         keep: How many of the newest snapshots to keep.
         storage: An fsspec URL or path for snapshots; by default a folder next to
             the script.
+        storage_options: Passed to fsspec with the URL (an S3 endpoint or
+            profile, say); the command line and RESUMABLE_STORAGE_OPTIONS add to
+            them, key by key.
         grace: Seconds between a stop signal and the kill that follows it; the
             runtime exits within them.
         signals: Names of further signals that ask the run to stop, besides
@@ -149,6 +155,7 @@ def step(
             every=every,
             keep=keep,
             storage=storage,
+            storage_options=storage_options,
             grace=grace,
             signals=signals,
         )
@@ -161,6 +168,19 @@ def check_count(name: str, value: object, minimum: int) -> None:
     if type(value) is not int or value < minimum:
         msg = f"{name} must be an integer of at least {minimum}, not {value!r}."
         raise ConfigurationError(msg)
+
+
+def check_storage_options(options: object) -> dict[str, Any]:
+    """Return the options as a dict with string keys, or raise ConfigurationError."""
+    if not isinstance(options, Mapping) or not all(
+        isinstance(key, str) for key in options
+    ):
+        msg = (
+            "storage_options must be a mapping of option names to values, "
+            f"not {options!r}."
+        )
+        raise ConfigurationError(msg)
+    return dict(options)
 
 
 def check_grace(grace: object) -> float:

@@ -29,6 +29,14 @@ from resumable.errors import ConfigurationError, StorageError
 
 logger = logging.getLogger(__name__)
 
+# The package each remote scheme needs, and the extra of resumable that installs it.
+_EXTRAS = {
+    "s3": ("s3fs", "s3"),
+    "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
+}
+
 
 class Storage:
     """A folder of snapshots at an fsspec URL."""
@@ -55,7 +63,9 @@ class Storage:
         """
         try:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        except (ImportError, ValueError) as err:
+        except ImportError as err:
+            raise ConfigurationError(_missing_backend(url, err)) from None
+        except (TypeError, ValueError) as err:
             msg = (
                 f"Cannot open storage {url!r}: {err}. Check the URL, its scheme, "
                 "and that the package for that scheme is installed."
@@ -248,6 +258,22 @@ class Storage:
                     "or lower --keep, then run the same command again."
                 )
             raise StorageError(msg) from err
+
+
+def _missing_backend(url: str, err: ImportError) -> str:
+    """Say which package, and which extra of resumable, a URL's scheme needs."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    extra = _EXTRAS.get(scheme)
+    if extra is None:
+        return (
+            f"Cannot open storage {url!r}: {err}. Install the fsspec backend for "
+            f"{scheme}:// URLs."
+        )
+    package, name = extra
+    return (
+        f"Storage {url!r} needs the package {package}, which is not installed. "
+        f"Install it with: pip install 'resumable[{name}]'."
+    )
 
 
 def _basename(path: str) -> str:

@@ -1,0 +1,171 @@
+"""
+Tests of storage options: the decorator's, RESUMABLE_STORAGE_OPTIONS and the command
+line's ``-o KEY=VALUE`` merge key by key and reach fsspec; a missing backend names
+the extra to install; runs and ``ls`` work on s3:// through options alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import attrs
+import fsspec
+import pytest
+
+import resumable
+from resumable import _cli
+from resumable._settings import Settings
+from resumable._storage import Storage
+from resumable.errors import ConfigurationError
+from tests.s3server import S3Server
+
+SCRIPTS = Path(__file__).parent / "scripts"
+VARIABLE = "RESUMABLE_STORAGE_OPTIONS"
+# Where s3fs goes when no endpoint reaches it: a closed loopback port, never AWS.
+NOWHERE = "http://127.0.0.1:9"
+
+
+@attrs.define
+class Empty:
+    pass
+
+
+def noop(state: Empty, step: int) -> None:
+    return None
+
+
+declared = resumable.step(
+    init=Empty, steps=1, storage_options={"anon": False, "profile": "decorator"}
+)(noop)
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No RESUMABLE_* variables; undo what main() changes in this process."""
+    monkeypatch.delenv(VARIABLE, raising=False)
+    monkeypatch.delenv("RESUMABLE_STORAGE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    package = logging.getLogger("resumable")
+    saved = (list(package.handlers), package.level, package.propagate)
+    yield
+    sys.modules.pop(_cli.SCRIPT_MODULE, None)
+    package.handlers[:] = saved[0]
+    package.setLevel(saved[1])
+    package.propagate = saved[2]
+
+
+@pytest.fixture
+def s3_only_by_options(s3_server: S3Server, monkeypatch) -> S3Server:
+    """The S3 server, reachable only through options given to resumable."""
+    monkeypatch.delitem(fsspec.config.conf, "s3")
+    monkeypatch.delenv("FSSPEC_S3")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", NOWHERE)
+
+    return s3_server
+
+
+def test_decorator_options_are_the_base() -> None:
+    """The decorator's storage_options are used where nothing else is given."""
+    settings = Settings.resolve(declared)
+
+    assert {"anon": False, "profile": "decorator"} == settings.storage_options
+
+
+def test_variable_and_argument_add_to_the_decorator_key_by_key(monkeypatch) -> None:
+    """RESUMABLE_STORAGE_OPTIONS overrides the decorator, the argument both."""
+    monkeypatch.setenv(VARIABLE, '{"profile": "variable", "region_name": "eu"}')
+
+    settings = Settings.resolve(declared, storage_options={"region_name": "us"})
+
+    expected = {"anon": False, "profile": "variable", "region_name": "us"}
+    assert expected == settings.storage_options
+
+
+@pytest.mark.parametrize("value", ["{not json", "[1, 2]", '"text"'])
+def test_variable_that_is_no_json_object_is_a_configuration_error(
+    monkeypatch, value: str
+) -> None:
+    """A RESUMABLE_STORAGE_OPTIONS that is not a JSON object names the variable."""
+    monkeypatch.setenv(VARIABLE, value)
+
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.resolve(declared)
+
+    assert VARIABLE in str(caught.value)
+
+
+@pytest.mark.parametrize("options", [["a", "b"], {1: "x"}, "endpoint"])
+def test_decorator_options_must_be_a_mapping_of_names(options: object) -> None:
+    """storage_options of the wrong shape fail at declaration, naming the value."""
+    with pytest.raises(ConfigurationError) as caught:
+        resumable.step(init=Empty, steps=1, storage_options=options)(noop)  # type: ignore[arg-type]  # the point
+
+    assert "storage_options" in str(caught.value)
+
+
+def test_options_reach_fsspec(tmp_path: Path) -> None:
+    """The options are passed to the fsspec file system of the URL."""
+    url = f"file://{tmp_path}/store"
+
+    storage = Storage.open(url, {"auto_mkdir": False})
+
+    assert storage.fs.storage_options == {"auto_mkdir": False}
+
+
+def test_a_missing_backend_names_the_extra_to_install(monkeypatch) -> None:
+    """An s3:// URL without s3fs says to install resumable[s3]."""
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    registry = sys.modules["fsspec.registry"]._registry  # s3 may be registered
+    monkeypatch.delitem(registry, "s3", raising=False)
+
+    with pytest.raises(ConfigurationError) as caught:
+        Storage.open("s3://bucket/run")
+
+    assert "pip install 'resumable[s3]'" in str(caught.value)
+    assert "s3fs" in str(caught.value)
+
+
+def test_cli_options_run_and_list_on_s3(s3_only_by_options, tmp_path, capsys) -> None:
+    """-o options alone take a run and ls to an S3 endpoint; JSON values parse."""
+    server = s3_only_by_options
+    bucket = "options-cli"
+    fsspec.filesystem("s3", **server.options).mkdir(bucket)
+    script = tmp_path / "cli_train.py"
+    shutil.copy(SCRIPTS / "cli_train.py", script)
+    options = [f"-o{name}={value}" for name, value in server.options.items()]
+    url = f"s3://{bucket}/run"
+
+    code = _cli.main([str(script), "--storage", url, *options, "-o", "use_ssl=false"])
+    listed = _cli.main(["ls", url, *options])
+    out = capsys.readouterr().out
+
+    assert (0, 0) == (code, listed)
+    assert 3 == out.count("cli_train.py:train / step-0000000")
+
+
+def test_variable_options_take_ls_to_s3(s3_only_by_options, monkeypatch, capsys):
+    """RESUMABLE_STORAGE_OPTIONS reaches ls too."""
+    server = s3_only_by_options
+    bucket = "options-variable"
+    fsspec.filesystem("s3", **server.options).mkdir(bucket)
+    monkeypatch.setenv(VARIABLE, json.dumps(server.options))
+
+    code = _cli.main(["ls", f"s3://{bucket}/run"])
+
+    assert 0 == code
+    assert "no snapshots at s3://" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", ["-o", "-okey", "-o=value"])
+def test_malformed_cli_option_exits_2(tmp_path, capsys, option: str) -> None:
+    """An -o that is not KEY=VALUE is a usage error."""
+    with pytest.raises(SystemExit) as caught:
+        _cli.main(["script.py", option])
+
+    assert 2 == caught.value.code
