@@ -17,6 +17,7 @@ from resumable.errors import (
     SnapshotError,
     StateDefinitionError,
     StorageError,
+    SupersededError,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "StateDefinitionError",
     "Step",
     "StorageError",
+    "SupersededError",
     "__version__",
     "errors",
     "iterate",

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from resumable._lease import Lease
 from resumable._snapshot import (
     ATTEMPT_OBJECT,
     DATA_OBJECT,
@@ -41,6 +42,7 @@ from resumable.errors import (
     SnapshotCorruptError,
     SnapshotError,
     StorageError,
+    SupersededError,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,17 +76,23 @@ class Listed:
         )
 
     @property
-    def order(self) -> tuple[int, int]:
-        generation = self.manifest.generation if self.manifest else -1
-        return generation, self.step
+    def order(self) -> tuple[int, int, int]:
+        """The commit sequence: generation, then incarnation, then step."""
+        if self.manifest is None:
+            return -1, -1, self.step
+        return self.manifest.generation, self.manifest.incarnation, self.step
 
 
 class Archive:
     """The snapshots of one program on one storage."""
 
-    def __init__(self, storage: Storage, program: str) -> None:
+    def __init__(
+        self, storage: Storage, program: str, lease: Lease | None = None
+    ) -> None:
         self.storage = storage
         self.program = program
+        # Checked before each commit and deletion, where this process writes.
+        self.lease = lease
         # Snapshots that failed verification in this process; retention skips them.
         self.damaged: set[str] = set()
 
@@ -246,7 +254,9 @@ class Archive:
             inside_step=inside_step,
             write_seconds=time.perf_counter() - started,
             arguments=arguments,
+            incarnation=self.lease.number if self.lease else 0,
         )
+        self._check_lease("commit", name)
         # Invariant: the manifest is written last, after every object is durable.
         self.storage.commit(name, manifest.to_bytes())
 
@@ -254,6 +264,7 @@ class Archive:
 
     def remove_abandoned(self, lineage: str, generation: int) -> None:
         """Delete this run's uncommitted attempts from generations up to this one."""
+        self._check_lease("clean up")
         for name in self.storage.uncommitted():
             attempt = self._attempt(name)
             empty = not any(self.storage.sizes(name).values())
@@ -336,6 +347,7 @@ class Archive:
         kept = [entry for entry in mine if entry.name not in self.damaged][:keep]
         if len(kept) < keep:
             return
+        self._check_lease("prune")
         for entry in mine:
             if entry.order >= kept[-1].order:
                 continue
@@ -346,6 +358,20 @@ class Archive:
             else:
                 logger.debug("snapshot deleted: name=%s, keep=%d", entry.name, keep)
             self.storage.delete(entry.name)
+
+    def _check_lease(self, action: str, attempt: str | None = None) -> None:
+        """Refuse ``action`` once superseded; an own attempt is deleted first."""
+        if self.lease is None:
+            return
+        try:
+            self.lease.check(action)
+        except SupersededError:
+            logger.warning(
+                "superseded: incarnation=%d, refused=%s", self.lease.number, action
+            )
+            if attempt is not None:
+                self.storage.delete_folder(attempt)
+            raise
 
     def _attempt(self, name: str) -> dict[str, Any] | None:
         try:

@@ -38,6 +38,7 @@ from resumable.errors import (
     SnapshotError,
     StateDefinitionError,
     StorageError,
+    SupersededError,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ python -m resumable SCRIPT[:STEP] [options] [-- SCRIPT-ARGS]
        python -m resumable ls URL"""
 
 _EPILOG = """\
-exit codes: 0 finished, 1 preempted (run the same command again), 2 usage error,
+exit codes: 0 finished, 1 preempted or superseded by a newer start of the same
+run (run the same command again), 2 usage error,
 3 the script raised, 4 do not retry: incompatible snapshots or no progress,
 5 storage failure"""
 
@@ -91,6 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # nothing, and must not turn it into a kill.
         for name in settings.signals:
             signal.signal(signal.Signals[name], signal.SIG_IGN)
+    except SupersededError as err:
+        # Like a preemption: the newer incarnation carries on, and a scheduler
+        # must not fail the whole job because an old pod stopped.
+        print(f"resumable: stopped: {err}", file=sys.stderr)
+        return _preempted_code(options.preempted_exit_code)
     except ResumableError as err:
         return _report(err)
     except Exception:

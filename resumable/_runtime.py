@@ -24,6 +24,7 @@ from resumable._iterate import (
     run_in_context,
     shut_down_workers,
 )
+from resumable._lease import Lease
 from resumable._preemption import Preemption
 from resumable._rng import capture_global_rngs, find_generators, restore_global_rngs
 from resumable._settings import Settings
@@ -217,7 +218,9 @@ class Runtime(Generic[StateT]):
     ) -> None:
         self.step = step
         self.settings = settings
-        self.archive = Archive(storage, step.program)
+        # This process's incarnation of the run: its claim fences older ones.
+        self.lease = Lease(storage)
+        self.archive = Archive(storage, step.program, self.lease)
         self.progress = progress
         self.preemption = Preemption(settings, stop)
         # The start marker this run wrote into the snapshot it resumed from.
@@ -242,6 +245,7 @@ class Runtime(Generic[StateT]):
             catch stop signals (a handler only sets a flag)
             state = init()
             if a snapshot verifies: restore state, RNGs and history from it
+            claim the next incarnation of the run (it fences older ones)
             prove that the state can be captured
             for step in done .. steps - 1:
                 if a stop was requested: snapshot if the grace allows, exit
@@ -250,7 +254,8 @@ class Runtime(Generic[StateT]):
                     request snapshots inside the step and exits
                 history.append(metrics)
                 if (step + 1) % every == 0 or step + 1 == steps:
-                    write the snapshot, commit its manifest, prune to keep
+                    write the snapshot; unless a newer incarnation claimed the
+                    run since, commit its manifest and prune to keep
             return state, steps done, history, whether preempted
         """
         settings = self.settings
@@ -307,6 +312,7 @@ class Runtime(Generic[StateT]):
             self.lineage = self.archive.first_lineage()
         self._report_attempts()
         if loaded is None:
+            self.lease.claim()
             return 0, [], None
         return self._restore(state, loaded)
 
@@ -315,6 +321,9 @@ class Runtime(Generic[StateT]):
     ) -> tuple[int, list[Metrics | None], Replay | None]:
         manifest = loaded.manifest
         history = decode_snapshot(state, loaded.tree, loaded.buffers)
+        # After every check, so that a refused start leaves nothing behind;
+        # before anything is deleted or committed.
+        self.lease.claim()
         if manifest.step < self.settings.steps or manifest.inside_step:
             marker = self.archive.record_start(manifest, self.settings.max_attempts)
             self.start_marker = (manifest.name, marker)

@@ -34,12 +34,16 @@ DATA_OBJECT = "data.bin"
 ATTEMPT_OBJECT = "attempt.json"
 # Prefix of the small files, beside a snapshot's objects, that count its starts.
 START_PREFIX = "start-"
+# Claims of the run's incarnations, one per start, created exclusively: the fencing
+# tokens (``incarnation-000000007.json``).
+INCARNATION_PREFIX = "incarnation-"
 # Name of the checksum recorded for every object.
 CHECKSUM_ALGORITHM = "xxh3_64"
 # Byte alignment of each buffer in the data object, so that views of it are aligned.
 ALIGNMENT = 64
 
 _NAME = re.compile(r"step-([0-9]{9,})-([0-9a-f]{12})")
+_INCARNATION = re.compile(r"incarnation-([0-9]{9,})\.json")
 _OBJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
@@ -51,6 +55,17 @@ def new_snapshot_name(step: int) -> str:
 def new_lineage() -> str:
     """Return the id of a new chain of snapshots, one run from its fresh start."""
     return uuid.uuid4().hex
+
+
+def incarnation_name(number: int) -> str:
+    """Return the name of the claim of incarnation ``number``."""
+    return f"{INCARNATION_PREFIX}{number:09d}.json"
+
+
+def parse_incarnation_name(name: str) -> int | None:
+    """Return the number in an incarnation's claim name, or None for other names."""
+    match = _INCARNATION.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def parse_snapshot_name(name: str) -> int | None:
@@ -106,6 +121,8 @@ class Manifest:
     write_seconds: float | None = None
     # The script's own arguments, where the CLI ran it.
     arguments: list[str] | None = None
+    # The number of the incarnation that committed it: orders equal generations.
+    incarnation: int = 0
     versions: dict[str, str] = attrs.Factory(dict)
     format_version: int = FORMAT_VERSION
     checksum_algorithm: str = CHECKSUM_ALGORITHM
@@ -175,6 +192,7 @@ def _manifest_from_record(record: Mapping[str, Any]) -> Manifest:
         inside_step=_inside_step(record.get("inside_step")),
         write_seconds=_optional_float(record.get("write_seconds")),
         arguments=_optional_strings(record.get("arguments")),
+        incarnation=int(record.get("incarnation", 0)),
         versions={str(k): str(v) for k, v in record["versions"].items()},
         format_version=int(record["format_version"]),
         checksum_algorithm=str(record["checksum_algorithm"]),

@@ -24,7 +24,12 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from resumable._snapshot import ATTEMPT_OBJECT, MANIFEST_SUFFIX, parse_snapshot_name
+from resumable._snapshot import (
+    ATTEMPT_OBJECT,
+    MANIFEST_SUFFIX,
+    parse_incarnation_name,
+    parse_snapshot_name,
+)
 from resumable.errors import ConfigurationError, StorageError
 
 logger = logging.getLogger(__name__)
@@ -125,6 +130,35 @@ class Storage:
                 self.fs.pipe_file(path, manifest)
         logger.debug("manifest written: path=%s", path)
 
+    def create(self, name: str, data: bytes) -> bool:
+        """
+        Create the small object ``name`` at the root unless it exists already.
+
+        Returns:
+            Whether this call created it. Exclusive on local file systems (O_EXCL)
+            and on S3 (a conditional PUT); elsewhere as fsspec's ``mode="create"``
+            allows.
+        """
+        path = self.path(name)
+        with self._translate("create", path):
+            try:
+                if self._local:
+                    _create_local(path, data)
+                else:
+                    self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+        return True
+
+    def claims(self) -> dict[int, str]:
+        """Return the incarnation claims at the root, by number."""
+        claims = {}
+        for name in self._names():
+            number = parse_incarnation_name(name)
+            if number is not None:
+                claims[number] = name
+        return claims
+
     def committed(self) -> list[str]:
         """Return the names of committed snapshots, in no particular order."""
         return [
@@ -150,6 +184,7 @@ class Storage:
             name
             for name in self._names()
             if parse_snapshot_name(name.removesuffix(MANIFEST_SUFFIX)) is None
+            and parse_incarnation_name(name) is None
         )
 
     def read_manifest(self, snapshot: str) -> bytes:
@@ -203,8 +238,8 @@ class Storage:
                 raise StorageError(msg) from err
             self.fs.rm_file(probe)
 
-    def delete_object(self, snapshot: str, name: str) -> None:
-        path = self.path(snapshot, name)
+    def delete_object(self, *parts: str) -> None:
+        path = self.path(*parts)
         with self._translate("delete", path), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 
@@ -304,6 +339,15 @@ def _write_local(path: str, chunks: Iterable[Any]) -> int:
     _fsync_folder(folder)
 
     return size
+
+
+def _create_local(path: str, data: bytes) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    _fsync_folder(os.path.dirname(path))
 
 
 def _replace_local(temporary: str, path: str, data: bytes) -> None:

@@ -10,7 +10,8 @@ Public exception tree of resumable.
     │   │                                     another program's, schema's or format's
     │   ├── NoSnapshotError (LookupError)     nothing committed to load
     │   └── NoProgressError (RuntimeError)    restarted too often from one snapshot
-    └── StorageError (OSError)                storage unreachable, failing or full
+    ├── StorageError (OSError)                storage unreachable, failing or full
+    └── SupersededError (RuntimeError)        a newer incarnation took over the run
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "SnapshotError",
     "StateDefinitionError",
     "StorageError",
+    "SupersededError",
 ]
 
 
@@ -62,3 +64,12 @@ class NoProgressError(SnapshotError, RuntimeError):
 
 class StorageError(ResumableError, OSError):
     """The storage could not be reached, read or written."""
+
+
+class SupersededError(ResumableError, RuntimeError):
+    """
+    A newer incarnation of the run started on the same storage; this one stops.
+
+    Raised instead of a commit or a deletion, so that a process still inside its
+    grace period never writes over its replacement's snapshots.
+    """

@@ -94,6 +94,7 @@ def test_package_exports_the_documented_api():
         "StateDefinitionError",
         "Step",
         "StorageError",
+        "SupersededError",
         "__version__",
         "errors",
         "iterate",
@@ -170,6 +171,7 @@ def test_docstring_tree_is_the_documented_one():
         "NoSnapshotError": ("SnapshotError", "LookupError"),
         "NoProgressError": ("SnapshotError", "RuntimeError"),
         "StorageError": ("ResumableError", "OSError"),
+        "SupersededError": ("ResumableError", "RuntimeError"),
     }
 
     assert expected == drawn_tree()
@@ -198,6 +200,7 @@ def test_error_class_inherits_its_parent_and_builtin_as_drawn(name):
         ("NoSnapshotError", LookupError),
         ("NoProgressError", RuntimeError),
         ("StorageError", OSError),
+        ("SupersededError", RuntimeError),
     ],
 )
 def test_error_can_be_caught_as_its_builtin(name, builtin):

@@ -192,8 +192,10 @@ def test_retention_keeps_the_newest_snapshots_only(tmp_path):
 
     resumable.run(count, storage=storage, keep=2)
 
+    claims = [name for name in os.listdir(tmp_path) if name.startswith("incarn")]
     assert [10, 9] == committed_steps(storage)
-    assert 4 == len(os.listdir(tmp_path))
+    assert ["incarnation-000000001.json"] == claims
+    assert 5 == len(os.listdir(tmp_path))
     assert [] == Storage.open(storage).uncommitted()
 
 

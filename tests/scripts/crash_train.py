@@ -20,6 +20,11 @@ that every incarnation runs the same command:
   crashes happened, so that the next incarnation commits that step normally.
 - ``CRASH_EXIT_AFTER_COMMIT``: the same, but ``os._exit(137)`` comes right after the
   commit, before the runtime cleans up.
+- ``CRASH_HOLD_STEPS`` / ``CRASH_HOLD_UNTIL``: comma-separated snapshot steps whose
+  last object (``index.json``) waits, before it is written, until the file
+  ``CRASH_HOLD_UNTIL`` exists; ``<CRASH_HOLD_UNTIL>.held`` is created as the wait
+  begins. Holds a snapshot between its data and its commit for as long as a test
+  needs.
 - ``CRASH_DIGEST``: at exit, write there a JSON digest of the final state (sha256 of
   each part), for comparison with another run.
 """
@@ -41,7 +46,7 @@ import torch
 from torch import nn
 
 import resumable
-from resumable._snapshot import parse_snapshot_name
+from resumable._snapshot import INDEX_OBJECT, parse_snapshot_name
 from resumable._storage import Storage
 
 torch.set_num_threads(1)
@@ -61,6 +66,8 @@ EXIT_BEFORE_COMMIT = os.environ.get("CRASH_EXIT_BEFORE_COMMIT", "")
 EXIT_AFTER_COMMIT = os.environ.get("CRASH_EXIT_AFTER_COMMIT", "")
 MARKERS = os.environ.get("CRASH_MARKERS", "")
 DIGEST = os.environ.get("CRASH_DIGEST", "")
+HOLD_STEPS = os.environ.get("CRASH_HOLD_STEPS", "")
+HOLD_UNTIL = os.environ.get("CRASH_HOLD_UNTIL", "")
 
 INPUTS, OUTPUTS, SAMPLES, BATCH = 8, 2, 64, 16
 SEED = 1234
@@ -162,7 +169,18 @@ def write_object(self: Storage, snapshot: str, name: str, chunks: Any) -> int:
     )
     if CHUNK_BYTES and throttled:
         chunks = _throttled(chunks)
+    if name == INDEX_OBJECT and parse_snapshot_name(snapshot) in _steps(HOLD_STEPS):
+        _hold()
     return _write_object(self, snapshot, name, chunks)
+
+
+def _hold() -> None:
+    """Wait until the file HOLD_UNTIL exists (at most a minute)."""
+    with open(HOLD_UNTIL + ".held", "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(HOLD_UNTIL) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _exit_once(when: str, step: int | None, snapshot: str) -> None:
