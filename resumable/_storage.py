@@ -212,6 +212,8 @@ class Storage:
     def sizes(self, snapshot: str) -> dict[str, int]:
         """Return the size of each object in a snapshot's folder."""
         with self._translate("list", self.path(snapshot)):
+            # Another process may have written since: never answer from a cache.
+            self.fs.invalidate_cache(self.path(snapshot))
             try:
                 entries = self.fs.ls(self.path(snapshot), detail=True)
             except FileNotFoundError:

@@ -1,6 +1,7 @@
 """
 Conformance suite of ``Storage``: each test taking ``storage_url`` runs unchanged on
-the local file system and in memory; the rest pin what only local storage does.
+the local file system, in memory and on a real S3 server; the rest pin what only
+local storage does.
 """
 
 from __future__ import annotations
@@ -213,3 +214,20 @@ def test_local_commit_failing_rename_commits_nothing(
 
     expected: object = (([], [NAME]), ["attempt.json", "data.bin"])
     assert expected == (_lists(storage), sorted(os.listdir(storage.path(NAME))))
+
+
+def test_a_second_client_sees_what_another_wrote_since_it_looked(
+    storage_url: str,
+) -> None:
+    """Listings and sizes come from the storage, never from a stale client cache."""
+    writer = Storage.open(storage_url)
+    reader = Storage.open(storage_url, {"skip_instance_cache": True})
+    writer.write_object(NAME, "attempt.json", [b"{}"])
+    before = (reader.sizes(NAME), _lists(reader))
+
+    writer.write_object(NAME, "data.bin", [b"abcde"])
+    writer.commit(NAME, MANIFEST)
+
+    assert ({"attempt.json": 2}, ([], [NAME])) == before
+    assert {"attempt.json": 2, "data.bin": 5} == reader.sizes(NAME)
+    assert ([NAME], []) == _lists(reader)
