@@ -250,7 +250,9 @@ class Storage:
         # Invariant: the manifest goes first, so nothing torn is ever committed.
         manifest = self.path(snapshot + MANIFEST_SUFFIX)
         with self._translate("delete", manifest):
-            if self.fs.exists(manifest):
+            # Not exists() first: it may answer from a cache that another
+            # process's deletion made stale.
+            with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(manifest)
             if self._local:
                 _fsync_folder(self.root)
