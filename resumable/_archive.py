@@ -35,6 +35,7 @@ from resumable._snapshot import (
     new_snapshot_name,
     parse_snapshot_name,
 )
+from resumable._space import abandon_attempt, delete_attempt
 from resumable._storage import Storage
 from resumable.errors import (
     IncompatibleSnapshotError,
@@ -234,13 +235,17 @@ class Archive:
             "lineage": lineage[0],
             "generation": lineage[1],
         }
-        # Invariant: the attempt record comes first, so cleanup can prove ownership.
-        self.storage.write_object(name, ATTEMPT_OBJECT, [json.dumps(attempt).encode()])
         index = json.dumps({"tree": tree, "buffers": buffer_table(buffers)}).encode()
-        objects = {
-            DATA_OBJECT: self._write(name, DATA_OBJECT, data_chunks(buffers)),
-            INDEX_OBJECT: self._write(name, INDEX_OBJECT, [index]),
-        }
+        try:
+            objects = self._write_objects(name, attempt, index, buffers)
+        except Exception as err:
+            # Nothing committed it: what was written goes, not to hold space
+            # that the next attempt needs.
+            needed = len(index) + sum(memoryview(part).nbytes for part in buffers)
+            explained = abandon_attempt(self.storage, name, err, needed)
+            if explained is None:
+                raise
+            raise explained from err.__cause__
         manifest = Manifest(
             name=name,
             step=step,
@@ -262,6 +267,20 @@ class Archive:
 
         return manifest
 
+    def _write_objects(
+        self,
+        name: str,
+        attempt: dict[str, Any],
+        index: bytes,
+        buffers: list[Any],
+    ) -> dict[str, ObjectInfo]:
+        # Invariant: the attempt record comes first, so cleanup can prove ownership.
+        self.storage.write_object(name, ATTEMPT_OBJECT, [json.dumps(attempt).encode()])
+        return {
+            DATA_OBJECT: self._write(name, DATA_OBJECT, data_chunks(buffers)),
+            INDEX_OBJECT: self._write(name, INDEX_OBJECT, [index]),
+        }
+
     def remove_abandoned(self, lineage: str, generation: int) -> None:
         """Delete this run's uncommitted attempts from generations up to this one."""
         self._check_lease("clean up")
@@ -274,8 +293,7 @@ class Archive:
                 and attempt.get("lineage") == lineage
                 and attempt.get("generation", generation + 1) <= generation
             ):
-                logger.debug("abandoned attempt deleted: name=%s", name)
-                self.storage.delete_folder(name)
+                delete_attempt(self.storage, name)
 
     def attempts(self, lineage: str) -> tuple[list[str], list[str]]:
         """Return uncommitted folders this run made, and those it cannot prove."""
@@ -310,8 +328,9 @@ class Archive:
             msg = (
                 f"The run was started {len(starts)} times from snapshot "
                 f"{manifest.name} without committing a newer one: it makes no "
-                "progress (a crash or kill before the next snapshot, or a grace "
-                "period too short to write one). Fix the cause, then delete the "
+                "progress (a crash or kill before the next snapshot, a grace "
+                "period too short to write one, or a storage too full to hold "
+                "one). Fix the cause, then delete the "
                 f"{START_PREFIX}* files in that snapshot's folder to try again."
             )
             raise NoProgressError(msg)

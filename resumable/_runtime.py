@@ -30,6 +30,7 @@ from resumable._rng import capture_global_rngs, find_generators, restore_global_
 from resumable._settings import Settings
 from resumable._signals import StopRequest
 from resumable._snapshot import Manifest, new_lineage, parse_snapshot_name
+from resumable._space import check_room
 from resumable._state import (
     Metrics,
     check_capturable,
@@ -324,7 +325,12 @@ class Runtime(Generic[StateT]):
         # After every check, so that a refused start leaves nothing behind;
         # before anything is deleted or committed.
         self.lease.claim()
+        # A run that ends without another commit still leaves the storage tidy;
+        # and a lowered --keep makes room before anything is written.
+        self.archive.remove_abandoned(self.lineage, self.generation)
+        self.archive.prune(self.settings.keep)
         if manifest.step < self.settings.steps or manifest.inside_step:
+            check_room(self.archive.storage, manifest)
             marker = self.archive.record_start(manifest, self.settings.max_attempts)
             self.start_marker = (manifest.name, marker)
         if manifest.write_seconds is not None:
@@ -337,9 +343,6 @@ class Runtime(Generic[StateT]):
             self.settings.storage,
         )
         self.saved_at = manifest.step
-        # A run that ends without another commit still leaves the storage tidy.
-        self.archive.remove_abandoned(self.lineage, self.generation)
-        self.archive.prune(self.settings.keep)
         point = decode_resume(loaded.tree, loaded.buffers)
         if point is None:
             return manifest.step, history, None

@@ -15,6 +15,7 @@ Commit protocol:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import uuid
@@ -233,6 +234,8 @@ class Storage:
             try:
                 self.fs.pipe_file(probe, b"")
             except OSError as err:
+                if is_disk_full(err):
+                    raise  # Said as such below: permissions are not the cause.
                 msg = (
                     f"Storage {self.url!r} cannot be written ({err}). Check its "
                     "permissions or mount, or give another --storage."
@@ -273,6 +276,19 @@ class Storage:
             with contextlib.suppress(FileNotFoundError, NotImplementedError):
                 self.fs.rmdir(folder)
 
+    def free_bytes(self) -> int | None:
+        """
+        Return the bytes free to this user, or None where the storage cannot
+        tell: only local and mounted file systems report it.
+        """
+        if not self._local:
+            return None
+        try:
+            stat = os.statvfs(self.root)
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
+
     def _names(self) -> list[str]:
         with self._translate("list", self.root):
             self.fs.invalidate_cache(self.root)
@@ -291,9 +307,9 @@ class Storage:
                 raise
             where = path or self.root
             msg = f"Cannot {action} {where} on storage {self.url!r}: {err}."
-            if _is_disk_full(err):
+            if is_disk_full(err):
                 msg += (
-                    f" The storage is full ({_free_space(self, where)}); free space "
+                    f" The storage is full ({_free_space(self)}); free space "
                     "or lower --keep, then run the same command again."
                 )
             raise StorageError(msg) from err
@@ -347,10 +363,16 @@ def _write_local(path: str, chunks: Iterable[Any]) -> int:
 
 def _create_local(path: str, data: bytes) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as err:
+        # The name is what counts: on a full disk it is created with no content,
+        # so that a lower --keep can still make room.
+        if not is_disk_full(err):
+            raise
     _fsync_folder(os.path.dirname(path))
 
 
@@ -377,9 +399,8 @@ def _fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def _is_disk_full(err: OSError) -> bool:
-    import errno
-
+def is_disk_full(err: BaseException) -> bool:
+    """Say whether ``err``, or the error it came from, is a full disk or quota."""
     causes = [err, err.__cause__, err.__context__]
     return any(
         isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -387,11 +408,11 @@ def _is_disk_full(err: OSError) -> bool:
     )
 
 
-def _free_space(storage: Storage, path: str) -> str:
-    if not storage._local:
-        return "free space unknown"
-    try:
-        stat = os.statvfs(os.path.dirname(path) or storage.root)
-    except OSError:
-        return "free space unknown"
-    return f"{stat.f_bavail * stat.f_frsize / 2**20:.1f} MiB free"
+def _free_space(storage: Storage) -> str:
+    free = storage.free_bytes()
+    return "free space unknown" if free is None else f"{mebibytes(free)} free"
+
+
+def mebibytes(size: int) -> str:
+    """Say a size in MiB, for messages."""
+    return f"{size / 2**20:.1f} MiB"

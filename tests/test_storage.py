@@ -231,3 +231,24 @@ def test_a_second_client_sees_what_another_wrote_since_it_looked(
     assert ({"attempt.json": 2}, ([], [NAME])) == before
     assert {"attempt.json": 2, "data.bin": 5} == reader.sizes(NAME)
     assert ([NAME], []) == _lists(reader)
+
+
+def test_a_claim_on_a_full_disk_is_created_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """create() holds the name when only its content finds no room (a full disk)."""
+    storage = Storage.open(f"file://{tmp_path}/store")
+    real_fsync = os.fsync
+
+    def full(descriptor: int) -> None:
+        if os.path.isfile(f"/proc/self/fd/{descriptor}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", full)
+
+    created = storage.create("incarnation-000000001.json", b'{"pid": 1}')
+    again = storage.create("incarnation-000000001.json", b'{"pid": 2}')
+
+    assert (True, False) == (created, again)
+    assert (tmp_path / "store" / "incarnation-000000001.json").exists()
