@@ -29,15 +29,16 @@ from resumable.errors import StorageError
 logger = logging.getLogger(__name__)
 
 MIB = 2**20
-# Parts of 16 MiB, 8 in flight: within what S3's guidance advises, and as fast as
-# larger ones in benchmarks/bench_s3.py, for 128 MiB of memory in flight at most.
+# Parts of 16 MiB, 8 in flight: within AWS's advice for parallel uploads (parts of
+# 8 to 16 MiB), for 128 MiB in flight at most. The moto server of
+# benchmarks/bench_s3.py cannot tell such settings apart; a real endpoint can.
 DEFAULT_PART_MIB = 16
 DEFAULT_CONCURRENCY = 8
 # S3's smallest part (all but the last) and largest, in MiB; its most parts.
 _MIN_PART_MIB = 5
 _MAX_PART_MIB = 5 * 1024
 _MAX_PARTS = 10_000
-# Above this, memory in flight grows for no gain: s3fs's client has 10 connections.
+# A bound on the memory in flight: each part in flight holds its bytes.
 _MAX_CONCURRENCY = 64
 # Seconds between looks at the parts in flight, so that signal handlers run.
 _POLL_SECONDS = 0.25
@@ -90,6 +91,7 @@ def upload(fs: Any, path: str, chunks: Iterable[Any], settings: UploadSettings) 
 
     Nothing is visible at ``path`` unless every byte arrived: a failure or an
     interruption (any BaseException) aborts the multipart upload, then propagates.
+    Memory held beyond the chunks is about ``concurrency`` parts.
     """
     bucket, key, _ = fs.split_path(path)
     parts = _cut(chunks, settings.part_size_for(_known_size(chunks)))
@@ -222,7 +224,7 @@ class _Multipart:
             logger.debug("multipart upload aborted: key=%s", self.target["Key"])
 
     def _collect(self) -> None:
-        result = _next(self.results)
+        result = _wait_for(self.results)
         self.in_flight -= 1
         if isinstance(result, BaseException):
             raise result
@@ -312,7 +314,7 @@ def _known_size(chunks: Iterable[Any]) -> int | None:
     return sum(memoryview(chunk).nbytes for chunk in chunks)
 
 
-def _next(results: queue.SimpleQueue[Any]) -> Any:
+def _wait_for(results: queue.SimpleQueue[Any]) -> Any:
     # A wait with a timeout lets the signal handlers of this thread run.
     while True:
         with contextlib.suppress(queue.Empty):
