@@ -43,6 +43,9 @@ _MAX_CONCURRENCY = 64
 # Seconds between looks at the parts in flight, so that signal handlers run.
 _POLL_SECONDS = 0.25
 
+# Buckets whose incomplete uploads this process may not list, warned about once.
+_unlisted: set[str] = set()
+
 
 def is_s3(fs: Any) -> bool:
     """Return whether ``fs`` is s3fs's file system, without importing s3fs."""
@@ -128,19 +131,31 @@ def abort_uploads(fs: Any, folder: str) -> int:
     """Abort every incomplete upload under ``folder``; return how many."""
     bucket, prefix = _prefix(fs, folder)
     uploads = _uploads(fs, bucket, prefix)
+    aborted = 0
     for upload in uploads:
-        # Gone already where another process aborted or completed it meanwhile.
-        with contextlib.suppress(FileNotFoundError):
+        key = upload["Key"]
+        try:
             _call(
                 fs,
                 "abort_multipart_upload",
                 Bucket=bucket,
-                Key=upload["Key"],
+                Key=key,
                 UploadId=upload["UploadId"],
             )
-        logger.debug("abandoned upload aborted: key=%s", upload["Key"])
+        except FileNotFoundError:
+            continue  # another process aborted or completed it meanwhile
+        except PermissionError as err:
+            logger.warning(
+                "incomplete upload not aborted: key=%s, error=%s; it stays until a "
+                "lifecycle rule (AbortIncompleteMultipartUpload) or someone aborts it",
+                key,
+                err,
+            )
+            continue
+        logger.debug("abandoned upload aborted: key=%s", key)
+        aborted += 1
 
-    return len(uploads)
+    return aborted
 
 
 class _Multipart:
@@ -330,9 +345,23 @@ def _uploads(fs: Any, bucket: str, prefix: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     markers: dict[str, str] = {}
     while True:
-        reply = _call(
-            fs, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers
-        )
+        try:
+            reply = _call(
+                fs, "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers
+            )
+        except PermissionError as err:
+            # Cleanup is a courtesy: a role that may write but not list uploads
+            # still trains, and a lifecycle rule can do the cleaning.
+            if bucket not in _unlisted:
+                _unlisted.add(bucket)
+                logger.warning(
+                    "incomplete uploads not listed: bucket=%s, error=%s; those of "
+                    "killed writes stay until a lifecycle rule "
+                    "(AbortIncompleteMultipartUpload) or someone aborts them",
+                    bucket,
+                    err,
+                )
+            return found
         found.extend(reply.get("Uploads") or [])
         if not reply.get("IsTruncated"):
             return found

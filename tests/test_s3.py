@@ -282,6 +282,36 @@ def test_upload_in_another_runs_folder_is_left_alone(storage: Storage) -> None:
 
 
 @pytest.mark.parametrize(
+    ("denied", "warning"),
+    [
+        ("list_multipart_uploads", "incomplete uploads not listed"),
+        ("abort_multipart_upload", "incomplete upload not aborted"),
+    ],
+)
+def test_upload_that_may_not_be_cleaned_is_left_with_a_warning(
+    storage: Storage,
+    spy: Spy,
+    caplog: pytest.LogCaptureFixture,
+    denied: str,
+    warning: str,
+) -> None:
+    """Without permission to list or abort uploads, cleanup warns and goes on."""
+    storage.write_object(NAME, "attempt.json", [b"{}"])
+    _start_upload(storage, NAME)
+    spy.fault = lambda method, arguments: (
+        PermissionError(13, "injected: access denied") if method == denied else None
+    )
+
+    listed = storage.uncommitted()
+    storage.delete_folder(NAME)
+    spy.fault = lambda method, arguments: None
+
+    expected: object = ([NAME], {}, 1)
+    assert expected == (listed, storage.sizes(NAME), len(_uploads(storage)))
+    assert warning in caplog.text
+
+
+@pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
         ("RESUMABLE_UPLOAD_PART_MIB", "4", "is below 5"),
