@@ -123,11 +123,11 @@ def measure(
 
 
 def _write_with(storage: Storage, settings: UploadSettings, chunks: list[Any]) -> None:
-    default, storage._s3 = storage._s3, settings
+    default, storage._upload_settings = storage._upload_settings, settings
     try:
         storage.write_object(NAME, "data.bin", chunks)
     finally:
-        storage._s3 = default
+        storage._upload_settings = default
 
 
 def timed(action: Callable[[], Any]) -> tuple[float, float]:

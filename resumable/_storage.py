@@ -41,7 +41,9 @@ class Storage:
         self.url = url
         self._local = isinstance(fs, LocalFileSystem)
         # How large objects go to S3; None on other backends.
-        self._s3 = _s3.UploadSettings.from_environment() if _s3.is_s3(fs) else None
+        self._upload_settings = (
+            _s3.UploadSettings.from_environment() if _s3.is_s3(fs) else None
+        )
 
     @classmethod
     def open(
@@ -95,8 +97,8 @@ class Storage:
         with self._translate("write", path):
             if self._local:
                 return _write_local(path, chunks)
-            if self._s3 is not None:
-                return _s3.upload(self.fs, path, chunks, self._s3)
+            if self._upload_settings is not None:
+                return _s3.upload(self.fs, path, chunks, self._upload_settings)
             self.fs.makedirs(self.path(snapshot), exist_ok=True)
             return _write_stream(self.fs, path, chunks)
 
@@ -125,7 +127,7 @@ class Storage:
     def uncommitted(self) -> list[str]:
         """Return the names of attempt folders that no manifest commits."""
         names = set(self._names())
-        if self._s3 is not None:
+        if self._upload_settings is not None:
             # A folder whose only trace is an incomplete upload holds no object.
             with self._translate("list uploads under", self.root):
                 names |= _s3.upload_folders(self.fs, self.root)
@@ -215,7 +217,7 @@ class Storage:
         """Delete an attempt's folder, its attempt record last."""
         folder = self.path(snapshot)
         with self._translate("delete", folder):
-            if self._s3 is not None:
+            if self._upload_settings is not None:
                 # Uploads go first: the attempt record must outlive them, so
                 # that a folder left by a kill still proves who made it.
                 _s3.abort_uploads(self.fs, folder)

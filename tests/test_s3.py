@@ -217,7 +217,7 @@ def test_failed_write_on_generic_path_leaves_nothing(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through s3fs's file objects, a failed write leaves nothing, even after gc."""
-    monkeypatch.setattr(storage, "_s3", None)
+    monkeypatch.setattr(storage, "_upload_settings", None)
     storage.write_object(NAME, "attempt.json", [b"{}"])
 
     with pytest.raises(RuntimeError):
