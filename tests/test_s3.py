@@ -11,6 +11,7 @@ import asyncio
 import gc
 import itertools
 import random
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -168,6 +169,8 @@ def test_interrupt_while_parts_in_flight_aborts_upload(
 ) -> None:
     """A KeyboardInterrupt that lands while parts are in flight aborts the upload."""
     spy.part_seconds = 2.0
+    # Python's own handler, whatever an earlier test left installed.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def interrupt() -> None:
         spy.part_started.wait(30)
@@ -180,6 +183,7 @@ def test_interrupt_while_parts_in_flight_aborts_upload(
             storage.write_object(NAME, "data.bin", [_data(12 * MIB)])
     finally:
         thread.join()
+        signal.signal(signal.SIGINT, previous)
     last = spy.methods()[-1]
 
     expected: object = ("abort_multipart_upload", [], {})
