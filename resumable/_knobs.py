@@ -39,12 +39,13 @@ def env_str(name: str) -> str | None:
     return (os.environ.get(name) or None) if _enabled else None
 
 
-def env_int(name: str, minimum: int) -> int | None:
+def env_int(name: str, minimum: int, maximum: int | None = None) -> int | None:
     """
     Return a variable's integer value, or None where it is unset or empty.
 
     Raises:
-        ConfigurationError: The value is no integer of at least ``minimum``.
+        ConfigurationError: The value is no integer from ``minimum`` to
+            ``maximum``.
     """
     text = env_str(name)
     if text is None:
@@ -58,6 +59,9 @@ def env_int(name: str, minimum: int) -> int | None:
         raise ConfigurationError(msg) from None
     if value < minimum:
         msg = f"{name}={value} is below {minimum}. Set it to {minimum} or more."
+        raise ConfigurationError(msg)
+    if maximum is not None and value > maximum:
+        msg = f"{name}={value} is above {maximum}. Set it to {maximum} or less."
         raise ConfigurationError(msg)
 
     return value
@@ -91,6 +95,12 @@ def env_float(name: str, minimum: float) -> float | None:
         raise ConfigurationError(msg)
 
     return value
+
+
+# Uploads to S3: the size of each part of a multipart upload in MiB, and how many
+# parts are in flight at once (memory held is about their product).
+UPLOAD_PART_MIB = ENV_PREFIX + "UPLOAD_PART_MIB"
+UPLOAD_CONCURRENCY = ENV_PREFIX + "UPLOAD_CONCURRENCY"
 
 
 def env_json_object(name: str) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ Snapshot storage on any fsspec URL. Knows nothing of torch or of the payload's m
 Commit protocol:
 1. Every payload object of an attempt is written under the attempt's own folder
    ``<root>/<name>/``, a name no other attempt uses, and made durable (fsync on local
-   and mounted file systems; a completed upload on object stores).
+   and mounted file systems; a completed upload on object stores). A write that
+   fails publishes nothing: a multipart upload is aborted, a partial file deleted.
 2. Only then is ``<root>/<name>.manifest.json`` written, in one step: a temporary file,
    fsync, rename and fsync of the folder on file systems; a single PUT elsewhere.
 3. A snapshot exists for readers exactly when its manifest does. Deletion removes the
@@ -25,6 +26,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from resumable import _s3
 from resumable._snapshot import (
     ATTEMPT_OBJECT,
     MANIFEST_SUFFIX,
@@ -52,6 +54,10 @@ class Storage:
         self.root = root.rstrip("/")
         self.url = url
         self._local = isinstance(fs, LocalFileSystem)
+        # How large objects go to S3; None on other backends.
+        self._upload_settings = (
+            _s3.UploadSettings.from_environment() if _s3.is_s3(fs) else None
+        )
 
     @classmethod
     def open(
@@ -107,16 +113,10 @@ class Storage:
         with self._translate("write", path):
             if self._local:
                 return _write_local(path, chunks)
+            if self._upload_settings is not None:
+                return _s3.upload(self.fs, path, chunks, self._upload_settings)
             self.fs.makedirs(self.path(snapshot), exist_ok=True)
-            file = self.fs.open(path, "wb")
-            try:
-                size = _write_chunks(file, chunks)
-            except BaseException:
-                # Closing would publish the partial object; throw it away instead.
-                _discard(file)
-                raise
-            file.close()
-            return size
+            return _write_stream(self.fs, path, chunks)
 
     def commit(self, snapshot: str, manifest: bytes) -> None:
         """Make ``snapshot`` visible to readers by writing its manifest in one step."""
@@ -172,6 +172,10 @@ class Storage:
     def uncommitted(self) -> list[str]:
         """Return the names of attempt folders that no manifest commits."""
         names = set(self._names())
+        if self._upload_settings is not None:
+            # A folder whose only trace is an incomplete upload holds no object.
+            with self._translate("list uploads under", self.root):
+                names |= _s3.upload_folders(self.fs, self.root)
         return sorted(
             name
             for name in names
@@ -265,6 +269,10 @@ class Storage:
         """Delete an attempt's folder, its attempt record last."""
         folder = self.path(snapshot)
         with self._translate("delete", folder):
+            if self._upload_settings is not None:
+                # Uploads go first: the attempt record must outlive them, so
+                # that a folder left by a kill still proves who made it.
+                _s3.abort_uploads(self.fs, folder)
             names = sorted(
                 self.sizes(snapshot), key=lambda name: name == ATTEMPT_OBJECT
             )
@@ -342,20 +350,54 @@ def _write_chunks(file: IO[bytes], chunks: Iterable[Any]) -> int:
     return size
 
 
-def _discard(file: IO[bytes]) -> None:
+def _write_stream(
+    fs: fsspec.AbstractFileSystem, path: str, chunks: Iterable[Any]
+) -> int:
+    file = fs.open(path, "wb")
+    try:
+        size = _write_chunks(file, chunks)
+        file.close()
+    except BaseException:
+        _abandon(fs, path, file)
+        raise
+
+    return size
+
+
+def _abandon(fs: fsspec.AbstractFileSystem, path: str, file: IO[bytes]) -> None:
+    """Throw a failed write away, so that nothing, not even a close, publishes it."""
     discard = getattr(file, "discard", None)
     with contextlib.suppress(Exception):
         if callable(discard):
             discard()
+    try:
+        # A buffered file closed later, by the garbage collector, would finish
+        # the upload it just discarded (or fail in __del__): mark it closed.
+        file.closed = True  # type: ignore[misc]  # a property fsspec's files set
+    except AttributeError:
+        # An io object refuses: close it now, so that what a close publishes
+        # is there to delete.
+        with contextlib.suppress(Exception):
+            file.close()
+    # Backends that publish as they write (memory://) hold the part written.
+    try:
+        fs.rm_file(path)
+    except Exception as err:  # the write's own error is the one to raise
+        logger.debug("partial object not deleted: path=%s, error=%r", path, err)
 
 
 def _write_local(path: str, chunks: Iterable[Any]) -> int:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    with open(path, "wb") as file:
-        size = _write_chunks(file, chunks)
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with open(path, "wb") as file:
+            size = _write_chunks(file, chunks)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     _fsync_folder(folder)
 
     return size

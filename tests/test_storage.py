@@ -7,6 +7,7 @@ local storage does.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,6 +161,23 @@ def test_disk_full_during_write_says_storage_is_full(storage_url: str) -> None:
 
     assert "The storage is full" in str(caught.value)
     assert storage_url in str(caught.value)
+
+
+def test_failed_write_publishes_nothing(storage_url: str) -> None:
+    """A write that fails after some bytes leaves no object, even after gc."""
+    storage = Storage.open(storage_url)
+    storage.write_object(NAME, "attempt.json", [b"{}"])
+
+    def chunks() -> Iterator[bytes]:
+        yield bytes(2**20)
+        raise RuntimeError("injected after 1 MiB")
+
+    with pytest.raises(RuntimeError):
+        storage.write_object(NAME, "data.bin", chunks())
+    gc.collect()
+
+    expected = {"attempt.json": 2}
+    assert expected == storage.sizes(NAME)
 
 
 def test_local_commit_renames_a_durable_temporary_file(
