@@ -24,6 +24,7 @@ from typing import IO, Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from resumable._retry import RetryPolicy, client_options, retried
 from resumable._snapshot import ATTEMPT_OBJECT, MANIFEST_SUFFIX, parse_snapshot_name
 from resumable.errors import ConfigurationError, StorageError
 
@@ -38,6 +39,8 @@ class Storage:
         self.root = root.rstrip("/")
         self.url = url
         self._local = isinstance(fs, LocalFileSystem)
+        # Remote calls run again after transient failures; local ones never do.
+        self.retry = None if self._local else RetryPolicy.from_environment()
 
     @classmethod
     def open(
@@ -54,7 +57,8 @@ class Storage:
             StorageError: The URL names no usable storage.
         """
         try:
-            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+            options = client_options(url, storage_options or {})
+            fs, root = fsspec.core.url_to_fs(url, **options)
         except (ImportError, ValueError) as err:
             msg = (
                 f"Cannot open storage {url!r}: {err}. Check the URL, its scheme, "
@@ -64,7 +68,7 @@ class Storage:
         storage = cls(fs, root, url)
         if create:
             try:
-                fs.makedirs(storage.root, exist_ok=True)
+                storage._create()
             except (FileExistsError, NotADirectoryError):
                 msg = (
                     f"Storage {url!r} names a file, not a folder. Give the path of "
@@ -80,6 +84,7 @@ class Storage:
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
 
+    @retried("write")
     def write_object(self, snapshot: str, name: str, chunks: Iterable[Any]) -> int:
         """
         Write one payload object durably from bytes-like chunks; return its size.
@@ -102,6 +107,7 @@ class Storage:
             file.close()
             return size
 
+    @retried("commit")
     def commit(self, snapshot: str, manifest: bytes) -> None:
         """Make ``snapshot`` visible to readers by writing its manifest in one step."""
         path = self.path(snapshot + MANIFEST_SUFFIX)
@@ -145,12 +151,14 @@ class Storage:
     def read_manifest(self, snapshot: str) -> bytes:
         return self.read(snapshot + MANIFEST_SUFFIX)
 
+    @retried("read")
     def read(self, *parts: str) -> bytes:
         path = self.path(*parts)
         with self._translate("read", path):
             data: bytes = self.fs.cat_file(path)
         return data
 
+    @retried("read")
     def read_into(self, snapshot: str, name: str, buffer: Any) -> int:
         """Read an object into a writable buffer; return how many bytes came."""
         path = self.path(snapshot, name)
@@ -164,6 +172,7 @@ class Storage:
                 done += count
             return done
 
+    @retried("list")
     def sizes(self, snapshot: str) -> dict[str, int]:
         """Return the size of each object in a snapshot's folder."""
         with self._translate("list", self.path(snapshot)):
@@ -173,6 +182,7 @@ class Storage:
                 return {}
         return {_basename(entry["name"]): int(entry["size"]) for entry in entries}
 
+    @retried("write to")
     def check_writable(self) -> None:
         """
         Write and delete a small probe file, so that a read-only storage fails
@@ -193,11 +203,13 @@ class Storage:
                 raise StorageError(msg) from err
             self.fs.rm_file(probe)
 
+    @retried("delete")
     def delete_object(self, snapshot: str, name: str) -> None:
         path = self.path(snapshot, name)
         with self._translate("delete", path), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 
+    @retried("delete")
     def delete(self, snapshot: str) -> None:
         """Delete a snapshot: its manifest first, then its folder."""
         # Invariant: the manifest goes first, so nothing torn is ever committed.
@@ -209,6 +221,7 @@ class Storage:
                 _fsync_folder(self.root)
         self.delete_folder(snapshot)
 
+    @retried("delete")
     def delete_folder(self, snapshot: str) -> None:
         """Delete an attempt's folder, its attempt record last."""
         folder = self.path(snapshot)
@@ -224,6 +237,11 @@ class Storage:
             with contextlib.suppress(FileNotFoundError, NotImplementedError):
                 self.fs.rmdir(folder)
 
+    @retried("create")
+    def _create(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    @retried("list")
     def _names(self) -> list[str]:
         with self._translate("list", self.root):
             self.fs.invalidate_cache(self.root)
