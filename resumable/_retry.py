@@ -2,26 +2,13 @@
 Bounded retries of remote storage calls: which errors pass, how long to wait.
 
 A call that fails with an error that may pass (a reset, refused or closed
-connection, a timeout, an HTTP 5xx or throttling answer) runs again after a
-capped exponential wait with jitter, at most ``RESUMABLE_RETRIES`` times more.
-Errors that will not change (denied, missing, full, a failed precondition) are
-raised at once. When the retries run out, a StorageError says what failed, for
-how long, and what to do. Local file systems are never retried.
-
-How the layers stack on s3fs (measured against the tests' faulty proxy): botocore
-retries 5xx, throttling and connection errors up to 5 times (its legacy default),
-and s3fs's own loop retries timeouts, closed connections and SlowDown up to 5
-times around botocore, so one call could take 25 requests: 27 to 40 s for a
-server that answers 503, and 375 s for one that stalls past s3fs's 15 s read
-timeout. So where the user configured none, resumable turns botocore's retries
-off (``config_kwargs={"retries": {"total_max_attempts": 1}}``) and owns the
-policy. What remains inside one attempt is s3fs's loop: at most 5 requests and
-1.9 s of sleep, for timeouts and SlowDown only; a stalled server costs 5 read
-timeouts of 15 s (s3fs's defaults, kept: 4 times tighter than botocore's 60 s).
-With the defaults (6 attempts, waits of 1, 2, 4, 8 and 16 s at most) a call
-gives up within 31 s on errors that come fast, and within about 8 minutes on a
-server that stalls every request. During a preemption the grace watchdog ends
-the process at its deadline whatever the call is doing; commits stay atomic.
+connection, a timeout, a 5xx or throttling answer) runs again after capped
+exponential waits with jitter, ``RESUMABLE_RETRIES`` times at most; errors that
+will not change are raised at once; then a StorageError says what to do. Local
+file systems are never retried. On s3 this policy replaces botocore's retries,
+turned off where the user chose none; s3fs's own loop and timeouts stay, so a
+call gives up within 31 s of fast errors and 492 s of stalls (see
+``client_options``). A stall in a preemption ends at the grace deadline.
 """
 
 from __future__ import annotations
@@ -97,6 +84,14 @@ _TRANSIENT_CODES = frozenset(
         "ServiceUnavailable",
     }
 )
+# Answers that will not change, whatever their errno (s3fs often gives none).
+_PERMANENT_TYPES = (
+    PermissionError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 # HTTP statuses that may pass: too many requests and server errors but 501.
 _TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
@@ -109,17 +104,11 @@ def is_transient(err: BaseException) -> bool:
         if status is not None or code is not None:
             return status in _TRANSIENT_STATUSES or code in _TRANSIENT_CODES
     for cause in chain:
-        if isinstance(cause, StorageError):
-            continue
-        names = {kind.__name__ for kind in type(cause).__mro__}
-        if "SSLError" in names:
-            return False
-        if isinstance(cause, (ConnectionError, TimeoutError)):
-            return True
-        if names & _TRANSIENT_CLASSES:
-            return True
-        if isinstance(cause, OSError) and cause.errno is not None:
-            return cause.errno in _TRANSIENT_ERRNOS
+        # A StorageError only translates its cause; an OSError without an
+        # errno says too little: what caused it decides.
+        verdict = None if isinstance(cause, StorageError) else _verdict(cause)
+        if verdict is not None:
+            return verdict
     return False
 
 
@@ -262,6 +251,18 @@ def retried(
     return decorate
 
 
+# Why botocore's retries go (measured through the tests' faulty proxy): botocore
+# retries 5xx, throttling and connection errors (5 attempts, its legacy default)
+# and s3fs's own loop retries timeouts, closed connections and SlowDown 5 times
+# around it. One call then made 25 requests: 27 to 41 s against a server that
+# answers 503, 25 read timeouts (90 s at 2 s each, about 415 s at s3fs's 15 s)
+# against one that stalls; this policy on top would multiply that by 6. s3fs's
+# loop cannot be configured and stays: at most 5 requests and 1.9 s of sleep per
+# attempt. Its timeouts (connect 5 s, read 15 s; botocore's are 60 s) stay too:
+# tighter ones would fail slow but healthy servers. With the defaults a call
+# gives up after 16 to 31 s of errors that come at once (25 s measured against a
+# refused connection), and within 6 x (5 x 15 + 1.9) + 31 = 492 s against a
+# server that stalls every request (67 s measured at a 1 s read timeout).
 def client_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """
     Return ``options`` with botocore's retries off for an s3 URL that sets none.
@@ -285,13 +286,26 @@ def client_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
-    """Yield ``err`` and what caused it, nearest first, each once."""
+    """Yield ``err`` and what caused it, nearest first, as a traceback shows them."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        context = None if current.__suppress_context__ else current.__context__
+        current = current.__cause__ or context
+
+
+def _verdict(err: BaseException) -> bool | None:
+    """Say whether ``err`` itself may pass; None where only its cause can tell."""
+    names = {kind.__name__ for kind in type(err).__mro__}
+    if "SSLError" in names or isinstance(err, _PERMANENT_TYPES):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError)) or names & _TRANSIENT_CLASSES:
+        return True
+    if isinstance(err, OSError):
+        return None if err.errno is None else err.errno in _TRANSIENT_ERRNOS
+    return False
 
 
 def _answer(err: BaseException) -> tuple[int | None, str | None]:
@@ -317,7 +331,9 @@ def _describe(err: BaseException) -> str:
         (found for found in answers if found != (None, None)), (None, None)
     )
     if status is not None:
-        text += f" (HTTP {status}{f' {code}' if code else ''})"
+        # A HEAD answer has no body: its code is the status again.
+        named = f" {code}" if code and code != str(status) else ""
+        text += f" (HTTP {status}{named})"
 
     return f"{type(err).__name__}: {text}"
 

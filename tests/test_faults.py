@@ -6,11 +6,17 @@ keeps failing gives a clear error in bounded time, and nothing torn is ever list
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -28,6 +34,10 @@ from tests.s3server import S3Server
 
 # Short timeouts and waits, so that each fault costs a fraction of a second.
 READ_TIMEOUT = 0.5
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "stall_train.py"
+# The grace period of the stall test, and what exiting may take beyond it.
+GRACE = 2.0
+EXIT_MARGIN = 2.0
 
 
 @pytest.fixture
@@ -228,3 +238,44 @@ def test_a_server_that_keeps_failing_gives_a_clear_error_and_a_restart_resumes(
         record.getMessage().startswith("resumed: step=2,") for record in caplog.records
     )
     assert [] == diff_states(clean.state, resumed.state)
+
+
+def test_a_stall_during_preemption_ends_at_the_grace_deadline(
+    s3_server: S3Server, proxy: FaultProxy
+) -> None:
+    """
+    A final snapshot that stalls after SIGTERM is cut off when the grace period
+    ends; every snapshot committed before still verifies.
+    """
+    url = _bucket_url()
+    # s3fs's own read timeout (15 s) is kept: only the watchdog can end this.
+    options = {**s3_server.options, "endpoint_url": proxy.endpoint}
+    child = subprocess.Popen(
+        [sys.executable, str(SCRIPT), url, str(GRACE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FSSPEC_S3": json.dumps(options)},
+    )
+    try:
+        ready = child.stdout.readline() if child.stdout else ""
+        proxy.stall(3600.0, None)
+        signalled = time.monotonic()
+        os.kill(child.pid, signal.SIGTERM)
+        _, stderr = child.communicate(timeout=30)
+        elapsed = time.monotonic() - signalled
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    proxy.passthrough()
+    watcher = TornWatcher(s3_server, url)
+    for entry in watcher.archive.listing():
+        watcher._verify(entry.name, entry.manifest)
+
+    assert "ready\n" == ready, stderr[-2000:]
+    assert (1, True) == (child.returncode, elapsed < GRACE + EXIT_MARGIN), stderr[
+        -2000:
+    ]
+    assert "grace period spent" in stderr
+    assert ([], True) == (watcher.torn, len(watcher.verified) >= 3)

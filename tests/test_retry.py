@@ -54,6 +54,12 @@ def _wrapped(cause: BaseException) -> StorageError:
         return err
 
 
+def _during(handling: BaseException, error: BaseException) -> BaseException:
+    """``error`` as if raised while ``handling`` was being handled."""
+    error.__context__ = handling
+    return error
+
+
 TRANSIENT = [
     ConnectionResetError(errno.ECONNRESET, "reset"),
     ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
@@ -76,6 +82,7 @@ TRANSIENT = [
     OSError(errno.EREMOTEIO, "remote I/O error"),
     _wrapped(ConnectionResetError(errno.ECONNRESET, "reset")),
     _wrapped(_translated(500, "InternalError")),
+    _wrapped(_during(TimeoutError(), OSError("no errno"))),
 ]
 PERMANENT = [
     PermissionError(errno.EACCES, "denied"),
@@ -95,6 +102,8 @@ PERMANENT = [
     ValueError("not an I/O error"),
     _wrapped(OSError(errno.ENOSPC, "No space left on device")),
     _wrapped(_translated(403, "AccessDenied")),
+    _during(ConnectionResetError(), PermissionError("denied, no errno")),
+    _during(TimeoutError(), ValueError("a bad argument")),
 ]
 
 
