@@ -54,6 +54,7 @@ class _Rule:
     status: int = 500
     seconds: float = 0.0
     match: Callable[[Request], bool] | None = None
+    after: bool = False
     matched: int = 0
 
 
@@ -101,9 +102,15 @@ class FaultProxy:
         *,
         every: int = 1,
         match: Callable[[Request], bool] | None = None,
+        after: bool = False,
     ) -> None:
-        """Reset the connection (TCP RST) instead of forwarding, unanswered."""
-        self._set(_Rule("reset", count, every, match=match))
+        """
+        Reset the connection (TCP RST) instead of answering.
+
+        ``after`` forwards the request first: the server acts on it, and its
+        answer is lost.
+        """
+        self._set(_Rule("reset", count, every, match=match, after=after))
 
     def answer(
         self,
@@ -193,6 +200,8 @@ class FaultProxy:
             client.sendall(_forward(upstream, request))
             return True
         if rule.kind == "reset":
+            if rule.after:
+                _forward(upstream, request)
             client.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
             )

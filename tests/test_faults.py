@@ -95,11 +95,15 @@ class TornWatcher:
         self._stop.set()
         self._thread.join(30)
 
+    def verify_all(self) -> None:
+        """List the storage once and verify every snapshot listed."""
+        for entry in self.archive.listing():
+            self._verify(entry.name, entry.manifest)
+        self.rounds += 1
+
     def _watch(self) -> None:
         while not self._stop.is_set():
-            for entry in self.archive.listing():
-                self._verify(entry.name, entry.manifest)
-            self.rounds += 1
+            self.verify_all()
 
     def _verify(self, name: str, manifest: Any) -> None:
         try:
@@ -141,16 +145,17 @@ def test_run_through_resets_and_5xx_ends_identical_and_never_torn(
     tiny_step: resumable.Step[TinyState],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Resets and 500/503 answers are retried; the run ends as on a clean link."""
-    clean = _run(tiny_step, _bucket_url())
+    """Resets, lost answers and 500/503 answers are retried; the run ends as clean."""
+    clean = _run(tiny_step, _bucket_url(), steps=5)
     url = _bucket_url()
     # Before each step's snapshot (and the first listing), another fault: two
     # resets in a row get past aiohttp's own single resend.
     faults = {
         1: lambda: proxy.reset(None, every=2),
-        2: lambda: proxy.answer(500, None, every=3),
-        3: lambda: proxy.answer(503, None, every=3),
-        4: lambda: proxy.reset(4, match=_object_put),
+        2: lambda: proxy.reset(2, match=_manifest_put, after=True),
+        3: lambda: proxy.answer(500, None, every=3),
+        4: lambda: proxy.answer(503, None, every=3),
+        5: lambda: proxy.reset(4, match=_object_put),
     }
     proxy.reset(3, match=_listing)
 
@@ -158,6 +163,7 @@ def test_run_through_resets_and_5xx_ends_identical_and_never_torn(
         faulty = _run(
             tiny_step,
             url,
+            steps=5,
             storage_options=_through(s3_server, proxy),
             progress=lambda done, total, metrics: faults[done](),
         )
@@ -167,6 +173,7 @@ def test_run_through_resets_and_5xx_ends_identical_and_never_torn(
     assert clean.history == faulty.history
     assert ([], True) == (watcher.torn, bool(watcher.verified))
     assert {"EndpointConnectionError", "OSError"} <= errors
+    assert any("action=commit" in line for line in _retries(caplog))
 
 
 def test_a_commit_stalled_past_the_read_timeout_is_sent_again(
@@ -186,9 +193,13 @@ def test_a_commit_stalled_past_the_read_timeout_is_sent_again(
             tiny_step, url, steps=2, storage_options=_through(s3_server, proxy)
         )
 
-    retried = [line for line in _retries(caplog) if "ReadTimeoutError" in line]
+    retried = [
+        line
+        for line in _retries(caplog)
+        if "action=commit" in line and "ReadTimeoutError" in line
+    ]
     assert [] == diff_states(clean.state, faulty.state)
-    assert (1, 6) == (len(retried), proxy.faults)
+    assert (True, 6) == (len(retried) >= 1, proxy.faults)
 
 
 def test_a_server_that_keeps_failing_gives_a_clear_error_and_a_restart_resumes(
@@ -222,8 +233,7 @@ def test_a_server_that_keeps_failing_gives_a_clear_error_and_a_restart_resumes(
         )
     elapsed = time.monotonic() - seen["started"]
     committed = sorted(watcher.archive.storage.committed())
-    for entry in watcher.archive.listing():
-        watcher._verify(entry.name, entry.manifest)
+    watcher.verify_all()
     with caplog.at_level(logging.INFO):
         resumed = _run(tiny_step, url)
 
@@ -270,8 +280,7 @@ def test_a_stall_during_preemption_ends_at_the_grace_deadline(
             child.communicate()
     proxy.passthrough()
     watcher = TornWatcher(s3_server, url)
-    for entry in watcher.archive.listing():
-        watcher._verify(entry.name, entry.manifest)
+    watcher.verify_all()
 
     assert "ready\n" == ready, stderr[-2000:]
     assert (1, True) == (child.returncode, elapsed < GRACE + EXIT_MARGIN), stderr[
