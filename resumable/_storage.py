@@ -56,9 +56,9 @@ class Storage:
         Raises:
             StorageError: The URL names no usable storage.
         """
+        storage_options = client_options(url, storage_options or {})
         try:
-            options = client_options(url, storage_options or {})
-            fs, root = fsspec.core.url_to_fs(url, **options)
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError) as err:
             msg = (
                 f"Cannot open storage {url!r}: {err}. Check the URL, its scheme, "
