@@ -48,6 +48,20 @@ def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture(autouse=True)
+def package_logs_reach_caplog() -> Iterator[None]:
+    """Undo the handler and level that an in-process CLI test may have left."""
+    package = logging.getLogger("resumable")
+    handlers, level, propagate = package.handlers[:], package.level, package.propagate
+    package.handlers[:] = []
+    package.setLevel(logging.NOTSET)
+    package.propagate = True
+    yield
+    package.handlers[:] = handlers
+    package.setLevel(level)
+    package.propagate = propagate
+
+
+@pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retry up to 5 times after waits of 10 to 50 ms."""
     monkeypatch.setenv("RESUMABLE_RETRIES", "5")
