@@ -17,6 +17,13 @@ STORAGE = ENV_PREFIX + "STORAGE"
 STEPS = ENV_PREFIX + "STEPS"
 EVERY = ENV_PREFIX + "EVERY"
 KEEP = ENV_PREFIX + "KEEP"
+# Retries of a failed remote storage call, and the seconds of their waits'
+# base and cap (see _retry.py).
+RETRIES = ENV_PREFIX + "RETRIES"
+RETRY_DELAY = ENV_PREFIX + "RETRY_DELAY"
+RETRY_MAX_DELAY = ENV_PREFIX + "RETRY_MAX_DELAY"
+# botocore's own variables that choose its retries: set, they are the user's choice.
+AWS_RETRY_VARIABLES = ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE")
 
 
 # False while settings are resolved without the environment.

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from typing import Any
 
 from resumable._snapshot import incarnation_name
@@ -106,7 +107,13 @@ class Lease:
 
 
 def _record() -> bytes:
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.time(),
+        # Tells this start's claim from any other, should a resend find it.
+        "token": uuid.uuid4().hex,
+    }
     return json.dumps(record).encode()
 
 

@@ -27,6 +27,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from resumable import _s3
+from resumable._retry import RetryPolicy, client_options, retried
 from resumable._snapshot import (
     ATTEMPT_OBJECT,
     MANIFEST_SUFFIX,
@@ -58,6 +59,8 @@ class Storage:
         self._upload_settings = (
             _s3.UploadSettings.from_environment() if _s3.is_s3(fs) else None
         )
+        # Remote calls run again after transient failures; local ones never do.
+        self.retry = None if self._local else RetryPolicy.from_environment()
 
     @classmethod
     def open(
@@ -73,6 +76,7 @@ class Storage:
         Raises:
             StorageError: The URL names no usable storage.
         """
+        storage_options = client_options(url, storage_options or {})
         try:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except ImportError as err:
@@ -86,7 +90,7 @@ class Storage:
         storage = cls(fs, root, url)
         if create:
             try:
-                fs.makedirs(storage.root, exist_ok=True)
+                storage._create()
             except (FileExistsError, NotADirectoryError):
                 msg = (
                     f"Storage {url!r} names a file, not a folder. Give the path of "
@@ -102,6 +106,7 @@ class Storage:
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
 
+    @retried("write")
     def write_object(self, snapshot: str, name: str, chunks: Iterable[Any]) -> int:
         """
         Write one payload object durably from bytes-like chunks; return its size.
@@ -118,6 +123,7 @@ class Storage:
             self.fs.makedirs(self.path(snapshot), exist_ok=True)
             return _write_stream(self.fs, path, chunks)
 
+    @retried("commit")
     def commit(self, snapshot: str, manifest: bytes) -> None:
         """Make ``snapshot`` visible to readers by writing its manifest in one step."""
         path = self.path(snapshot + MANIFEST_SUFFIX)
@@ -131,6 +137,7 @@ class Storage:
                 self.fs.pipe_file(path, manifest)
         logger.debug("manifest written: path=%s", path)
 
+    @retried("create")
     def create(self, name: str, data: bytes) -> bool:
         """
         Create the small object ``name`` at the root unless it exists already.
@@ -148,8 +155,15 @@ class Storage:
                 else:
                     self.fs.pipe_file(path, data, mode="create")
             except FileExistsError:
-                return False
+                # A resend after a lost answer finds the object it made itself.
+                return self._holds(path, data)
         return True
+
+    def _holds(self, path: str, data: bytes) -> bool:
+        try:
+            return bool(self.fs.cat_file(path) == data)
+        except FileNotFoundError:
+            return False
 
     def claims(self) -> dict[int, str]:
         """Return the incarnation claims at the root, by number."""
@@ -195,12 +209,14 @@ class Storage:
     def read_manifest(self, snapshot: str) -> bytes:
         return self.read(snapshot + MANIFEST_SUFFIX)
 
+    @retried("read")
     def read(self, *parts: str) -> bytes:
         path = self.path(*parts)
         with self._translate("read", path):
             data: bytes = self.fs.cat_file(path)
         return data
 
+    @retried("read")
     def read_into(self, snapshot: str, name: str, buffer: Any) -> int:
         """Read an object into a writable buffer; return how many bytes came."""
         path = self.path(snapshot, name)
@@ -214,6 +230,7 @@ class Storage:
                 done += count
             return done
 
+    @retried("list")
     def sizes(self, snapshot: str) -> dict[str, int]:
         """Return the size of each object in a snapshot's folder."""
         with self._translate("list", self.path(snapshot)):
@@ -225,6 +242,7 @@ class Storage:
                 return {}
         return {_basename(entry["name"]): int(entry["size"]) for entry in entries}
 
+    @retried("write to")
     def check_writable(self) -> None:
         """
         Write and delete a small probe file, so that a read-only storage fails
@@ -247,11 +265,13 @@ class Storage:
                 raise StorageError(msg) from err
             self.fs.rm_file(probe)
 
+    @retried("delete")
     def delete_object(self, *parts: str) -> None:
         path = self.path(*parts)
         with self._translate("delete", path), contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
 
+    @retried("delete")
     def delete(self, snapshot: str) -> None:
         """Delete a snapshot: its manifest first, then its folder."""
         # Invariant: the manifest goes first, so nothing torn is ever committed.
@@ -265,6 +285,7 @@ class Storage:
                 _fsync_folder(self.root)
         self.delete_folder(snapshot)
 
+    @retried("delete")
     def delete_folder(self, snapshot: str) -> None:
         """Delete an attempt's folder, its attempt record last."""
         folder = self.path(snapshot)
@@ -297,6 +318,11 @@ class Storage:
             return None
         return stat.f_bavail * stat.f_frsize
 
+    @retried("create")
+    def _create(self) -> None:
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    @retried("list")
     def _names(self) -> list[str]:
         with self._translate("list", self.root):
             self.fs.invalidate_cache(self.root)
