@@ -132,9 +132,15 @@ class Storage:
                 # The temporary file lives in the attempt's folder, so that a crash
                 # leaves it where cleanup of uncommitted attempts finds it.
                 _replace_local(self.path(snapshot, "manifest.tmp"), path, manifest)
-            else:
-                # A single PUT: object stores publish it whole or not at all.
+            elif self._upload_settings is not None:
+                # A single PUT: S3 publishes it whole or not at all.
                 self.fs.pipe_file(path, manifest)
+            else:
+                # Elsewhere (sftp, smb, memory, gcs...) a file may be written in
+                # place: publish a whole temporary one by a move.
+                temporary = self.path(snapshot, "manifest.tmp")
+                self.fs.pipe_file(temporary, manifest)
+                self.fs.mv(temporary, path)
         logger.debug("manifest written: path=%s", path)
 
     @retried("create")

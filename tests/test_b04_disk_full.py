@@ -692,3 +692,18 @@ def test_cleanup_that_fails_never_fails_the_run(
     )
     assert expected == actual, str(error)
     assert f"left for a later cleanup: name={left[0]}" in caplog.text
+
+
+def test_a_manifest_that_finds_no_room_is_never_published(tmp_path: Path) -> None:
+    """On a file-like back end, a commit cut short by a full disk leaves no manifest."""
+    volume = tmp_path / "volume"
+    quotafs.set_quota(volume, 10_000)
+    storage = Storage.open(f"quota://{volume}/store")
+    name = "step-000000001-aaaaaaaaaaaa"
+    storage.write_object(name, "data.bin", [b"x" * 9_000])
+
+    with pytest.raises(StorageError) as caught:
+        storage.commit(name, b"m" * 4_000)
+
+    assert "The storage is full" in str(caught.value)
+    assert ([], [name]) == (storage.committed(), storage.uncommitted())
