@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import attrs
 import fsspec
@@ -44,6 +47,18 @@ def tiny_train(state: TinyState, step: int) -> dict[str, float]:
     state.seen.append(step)
 
     return {"loss": loss.item()}
+
+
+def import_script(name: str) -> ModuleType:
+    """Import a helper of tests/scripts by its path, as the subprocesses do."""
+    if name not in sys.modules:
+        path = Path(__file__).parent / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None
+        assert spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")

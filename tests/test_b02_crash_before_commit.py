@@ -11,10 +11,6 @@ bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import attrs
@@ -22,21 +18,9 @@ import pytest
 
 from resumable._snapshot import DATA_OBJECT, INDEX_OBJECT, parse_snapshot_name
 from resumable._storage import Storage
+from tests.conftest import import_script
 
-
-def _import_harness() -> ModuleType:
-    name = "crash_harness"
-    if name not in sys.modules:
-        path = Path(__file__).parent / "scripts" / "crash_harness.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None
-        assert spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-harness = _import_harness()
+harness = import_script("crash_harness")
 
 pytestmark = pytest.mark.slow
 

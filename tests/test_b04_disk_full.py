@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import importlib.util
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -45,23 +44,13 @@ from resumable._archive import Archive
 from resumable._snapshot import START_PREFIX, parse_snapshot_name
 from resumable._storage import Storage, mebibytes
 from resumable.errors import StorageError
+from tests.conftest import import_script
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
-def _import_script(name: str) -> ModuleType:
-    """Import a helper of tests/scripts by its path, as the subprocesses do."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-        assert spec is not None
-        assert spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-harness = _import_script("crash_harness")
-quotafs = _import_script("quotafs")
+harness = import_script("crash_harness")
+quotafs = import_script("quotafs")
 
 RUN = {
     "CRASH_STEPS": 8,

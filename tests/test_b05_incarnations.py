@@ -8,14 +8,11 @@ is the newest.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import fsspec
@@ -28,22 +25,9 @@ from resumable._lease import Lease
 from resumable._snapshot import Manifest
 from resumable._storage import Storage
 from resumable.errors import SupersededError
-from tests.conftest import tiny_train
+from tests.conftest import import_script, tiny_train
 
-
-def _import_harness() -> ModuleType:
-    name = "crash_harness"
-    if name not in sys.modules:
-        path = Path(__file__).parent / "scripts" / "crash_harness.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None
-        assert spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-harness = _import_harness()
+harness = import_script("crash_harness")
 
 PROGRAM = "crash_train.py:train"
 RUN = {"CRASH_STEPS": 8, "CRASH_KEEP": 3}
