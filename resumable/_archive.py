@@ -239,6 +239,10 @@ class Archive:
         try:
             objects = self._write_objects(name, attempt, index, buffers)
         except Exception as err:
+            if isinstance(err, StorageError):
+                # A newer incarnation may have cleaned this attempt away: then
+                # the failure is that this one was superseded.
+                self._check_lease("write", name)
             # Nothing committed it: what was written goes, not to hold space
             # that the next attempt needs.
             needed = len(index) + sum(memoryview(part).nbytes for part in buffers)

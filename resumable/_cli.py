@@ -328,6 +328,10 @@ def _list(argv: list[str]) -> int:
         )
     except ResumableError as err:
         return _report(err)
+    except Exception as err:
+        # The backend's own errors (rejected options, no credentials) end here.
+        _error(f"cannot list {options.url}: {type(err).__name__}: {err}")
+        return EXIT_STORAGE
     print(f"{'step':>9}  {'created (UTC)':19}  {'size':>9}  status  program / name")
     for entry, problem in rows:
         manifest = entry.manifest

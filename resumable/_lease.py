@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 _CLAIM_TRIES = 32
 # Older claims kept beside the newest, for the logs of a post-mortem.
 _CLAIMS_KEPT = 8
+# Seconds between checks at step ends, so that a superseded incarnation stops
+# training soon even when it snapshots seldom; each check is one listing.
+CHECK_INTERVAL = 10.0
 
 
 class Lease:
@@ -39,6 +42,7 @@ class Lease:
         self.storage = storage
         # The number claimed; 0 before claim().
         self.number = 0
+        self._checked = time.monotonic()
 
     def claim(self) -> int:
         """
@@ -61,6 +65,11 @@ class Lease:
         )
         raise StorageError(msg)
 
+    def check_now_and_then(self, action: str) -> None:
+        """Check as ``check`` does, at most once every CHECK_INTERVAL seconds."""
+        if time.monotonic() - self._checked >= CHECK_INTERVAL:
+            self.check(action)
+
     def check(self, action: str) -> None:
         """
         Raise SupersededError where a newer incarnation has claimed the run.
@@ -69,6 +78,7 @@ class Lease:
         """
         if not self.number:
             return
+        self._checked = time.monotonic()
         newer = [number for number in self.storage.claims() if number > self.number]
         if not newer:
             return

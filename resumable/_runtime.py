@@ -314,6 +314,8 @@ class Runtime(Generic[StateT]):
         self._report_attempts()
         if loaded is None:
             self.lease.claim()
+            loaded = self._committed_meanwhile(state, None)
+        if loaded is None:
             return 0, [], None
         return self._restore(state, loaded)
 
@@ -322,9 +324,15 @@ class Runtime(Generic[StateT]):
     ) -> tuple[int, list[Metrics | None], Replay | None]:
         manifest = loaded.manifest
         history = decode_snapshot(state, loaded.tree, loaded.buffers)
-        # After every check, so that a refused start leaves nothing behind;
-        # before anything is deleted or committed.
-        self.lease.claim()
+        if not self.lease.number:
+            # After every check, so that a refused start leaves nothing behind;
+            # before anything is deleted or committed.
+            self.lease.claim()
+            newer = self._committed_meanwhile(state, loaded)
+            if newer is not None:
+                loaded = newer
+                manifest = loaded.manifest
+                history = decode_snapshot(state, loaded.tree, loaded.buffers)
         # A run that ends without another commit still leaves the storage tidy;
         # and a lowered --keep makes room before anything is written.
         self.archive.remove_abandoned(self.lineage, self.generation)
@@ -352,6 +360,46 @@ class Runtime(Generic[StateT]):
 
         position = Position(point["loop"], point["item"])
         return manifest.step, history, Replay(position, point["rngs"], restore_again)
+
+    def _committed_meanwhile(
+        self, state: StateT, loaded: Loaded | None
+    ) -> Loaded | None:
+        """
+        Return a snapshot newer than ``loaded`` that an older incarnation
+        committed before this one's claim fenced it, or None.
+
+        Also counts those commits, so that this run's come after them.
+        """
+        listing = self.archive.listing()
+        self.generation = max([self.generation, *(e.order[0] for e in listing)])
+        if loaded is not None:
+            # Only those newer than the one loaded, and not found damaged yet.
+            seen = Listed(loaded.manifest.name, loaded.manifest).order
+            listing = [
+                entry
+                for entry in listing
+                if entry.order > seen
+                and entry.manifest is not None
+                and entry.name not in self.archive.damaged
+            ]
+        if self.settings.fresh or not listing:
+            return None
+        try:
+            newer = self.archive.newest_verified(listing, schema(state))
+        except SnapshotError:
+            # The newer ones are damaged or foreign: the one loaded stands.
+            return None
+        if newer is None:
+            return None
+        self._check_arguments(newer.manifest)
+        self.lineage = newer.manifest.lineage
+        self.lineage_start = newer.manifest.lineage_start
+        logger.info(
+            "newer snapshot committed before the claim: snapshot=%s, step=%d",
+            newer.manifest.name,
+            newer.manifest.step,
+        )
+        return newer
 
     def _check_arguments(self, manifest: Manifest) -> None:
         given, saved = self.settings.arguments, manifest.arguments
@@ -397,6 +445,7 @@ class Runtime(Generic[StateT]):
             replay = None
             history.append(metrics)
             done += 1
+            self.lease.check_now_and_then("train on")
             if self.progress is not None:
                 self.progress(done, settings.steps, history[-1])
             if self.preemption.requested:

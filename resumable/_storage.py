@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
@@ -76,6 +77,13 @@ class Storage:
         Raises:
             StorageError: The URL names no usable storage.
         """
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/[^/]", url):
+            msg = (
+                f"Storage {url!r} has one slash after its scheme, so it would be a "
+                "local folder of that name. Write the scheme with two slashes "
+                "(s3://bucket/run)."
+            )
+            raise ConfigurationError(msg)
         storage_options = client_options(url, storage_options or {})
         try:
             fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -100,6 +108,12 @@ class Storage:
             except OSError:
                 with storage._translate("create the snapshot folder at"):
                     raise
+            except Exception as err:
+                # Backends such as s3fs connect at the first call: options that
+                # they reject, and missing credentials, show only now.
+                if isinstance(err, TypeError | ValueError) or _credentials(err):
+                    raise ConfigurationError(_rejected(url, err)) from None
+                raise
 
         return storage
 
@@ -326,7 +340,19 @@ class Storage:
 
     @retried("create")
     def _create(self) -> None:
-        self.fs.makedirs(self.root, exist_ok=True)
+        if self._upload_settings is None:
+            self.fs.makedirs(self.root, exist_ok=True)
+            return
+        # S3 has no folders to make; never create a bucket (a typo would).
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self.fs.ls(bucket, detail=False)
+        except FileNotFoundError:
+            msg = (
+                f"The bucket {bucket!r} of storage {self.url!r} does not exist. "
+                "Check its name and the endpoint, or create it first."
+            )
+            raise StorageError(msg) from None
 
     @retried("list")
     def _names(self) -> list[str]:
@@ -353,6 +379,22 @@ class Storage:
                     "or lower --keep, then run the same command again."
                 )
             raise StorageError(msg) from err
+
+
+def _rejected(url: str, err: Exception) -> str:
+    """Say that the backend rejected the options or found no credentials."""
+    hint = "Check the storage options (-o KEY=VALUE) for this backend."
+    if _credentials(err):
+        hint = (
+            "Give credentials: -o key=... -o secret=..., a profile, or the "
+            "backend's environment variables."
+        )
+    return f"Cannot open storage {url!r}: {type(err).__name__}: {err}. {hint}"
+
+
+def _credentials(err: Exception) -> bool:
+    """Whether the backend found no usable credentials (botocore's errors)."""
+    return "Credentials" in type(err).__name__
 
 
 def _missing_backend(url: str, err: ImportError) -> str:

@@ -9,6 +9,7 @@ is the newest.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 import time
@@ -19,7 +20,7 @@ import fsspec
 import pytest
 
 import resumable
-from resumable import testing
+from resumable import _lease, testing
 from resumable._archive import Archive
 from resumable._lease import Lease
 from resumable._snapshot import Manifest
@@ -224,3 +225,46 @@ def _wait_for(condition: Any, incarnation: Any) -> None:
             msg = f"the awaited moment never came: {incarnation.log()}"
             raise AssertionError(msg)
         time.sleep(0.01)
+
+
+def test_a_snapshot_committed_before_the_claim_is_the_one_resumed(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an older incarnation commits while a new one loads is resumed from."""
+    reference = testing.run_steps(tiny_train, storage=testing.memory_storage())
+    testing.run_killed(tiny_train, 2, storage=storage_url)
+    claim = Lease.claim
+
+    def claim_late(lease: Lease) -> int:
+        # The older incarnation commits step 3 while this one still loads 2.
+        monkeypatch.setattr(Lease, "claim", claim)
+        testing.run_killed(tiny_train, 3, storage=storage_url)
+        return claim(lease)
+
+    monkeypatch.setattr(Lease, "claim", claim_late)
+    caplog.set_level(logging.INFO, logger="resumable")
+
+    result = testing.run_steps(tiny_train, storage=storage_url)
+
+    assert "newer snapshot committed before the claim" in caplog.text
+    assert "resumed: step=3" in caplog.text
+    testing.assert_states_equal(reference.state, result.state)
+
+
+def test_a_superseded_incarnation_stops_training_before_its_next_snapshot(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer claim stops an older run at a step end, though no snapshot is due."""
+    monkeypatch.setattr(_lease, "CHECK_INTERVAL", 0.0)
+    steps_done: list[int] = []
+
+    def progress(done: int, total: int, metrics: object) -> None:
+        steps_done.append(done)
+        if done == 1:
+            Lease(Storage.open(storage_url)).claim()
+
+    with pytest.raises(SupersededError):
+        resumable.run(tiny_train, storage=storage_url, every=100, progress=progress)
+
+    assert [1] == steps_done
+    assert [] == Archive(Storage.open(storage_url), tiny_train.program).listing()

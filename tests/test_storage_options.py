@@ -20,7 +20,7 @@ import resumable
 from resumable import _cli
 from resumable._settings import Settings
 from resumable._storage import Storage
-from resumable.errors import ConfigurationError
+from resumable.errors import ConfigurationError, StorageError
 from tests.s3server import S3Server
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -169,3 +169,37 @@ def test_malformed_cli_option_exits_2(tmp_path, capsys, option: str) -> None:
         _cli.main(["script.py", option])
 
     assert 2 == caught.value.code
+
+
+def test_options_the_backend_rejects_are_a_configuration_error(s3_url: str) -> None:
+    """An option s3fs does not take fails at open, naming it, not inside training."""
+    with pytest.raises(ConfigurationError) as caught:
+        Storage.open(s3_url, {"endpont_url": "http://127.0.0.1:9"})
+
+    assert "endpont_url" in str(caught.value)
+    assert "-o KEY=VALUE" in str(caught.value)
+
+
+def test_a_missing_bucket_is_an_error_and_never_created(s3_server: S3Server) -> None:
+    """A bucket that does not exist is reported, not created (a typo would be)."""
+    with pytest.raises(StorageError) as caught:
+        Storage.open("s3://no-such-bucket-of-ours/run")
+
+    assert "does not exist" in str(caught.value)
+    assert not fsspec.filesystem("s3").exists("no-such-bucket-of-ours")
+
+
+def test_a_url_with_one_slash_after_its_scheme_is_refused() -> None:
+    """s3:/bucket would be a local folder named 's3:'; it is refused."""
+    with pytest.raises(ConfigurationError) as caught:
+        Storage.open("s3:/bucket/run")
+
+    assert "two slashes" in str(caught.value)
+
+
+def test_ls_with_options_the_backend_rejects_exits_5(s3_url: str, capsys) -> None:
+    """ls reports the backend's own error in one line instead of a traceback."""
+    code = _cli.main(["ls", s3_url, "-o", "endpont_url=http://127.0.0.1:9"])
+
+    assert 5 == code
+    assert "cannot list" in capsys.readouterr().err
