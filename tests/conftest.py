@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 import resumable
+from resumable._step import SCRIPT_MODULE
 from tests.s3server import S3Server
 
 
@@ -59,6 +62,27 @@ def import_script(name: str) -> ModuleType:
         sys.modules[name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[name])
     return sys.modules[name]
+
+
+@pytest.fixture
+def cli_undone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """
+    Undo what an in-process ``_cli.main`` changes: RESUMABLE_* variables are
+    unset, and argv, sys.path, the script's module and logging are restored.
+    """
+    for name in list(os.environ):
+        if name.startswith("RESUMABLE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    package = logging.getLogger("resumable")
+    saved = (list(package.handlers), package.level, package.propagate)
+    yield
+    sys.modules.pop(SCRIPT_MODULE, None)
+    package.handlers[:] = saved[0]
+    package.setLevel(saved[1])
+    package.propagate = saved[2]
 
 
 @pytest.fixture(scope="session")

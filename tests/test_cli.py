@@ -6,7 +6,6 @@ real subprocess.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import shutil
@@ -19,29 +18,10 @@ import pytest
 from resumable import _cli
 
 SCRIPTS = Path(__file__).parent / "scripts"
-VARIABLES = [
-    "RESUMABLE_STORAGE",
-    "RESUMABLE_STEPS",
-    "RESUMABLE_EVERY",
-    "RESUMABLE_KEEP",
-]
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """Undo what main() changes in this process: argv, path, modules, logging."""
-    for name in VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    package = logging.getLogger("resumable")
-    saved = (list(package.handlers), package.level, package.propagate)
-    yield
-    sys.modules.pop(_cli.SCRIPT_MODULE, None)
-    package.handlers[:] = saved[0]
-    package.setLevel(saved[1])
-    package.propagate = saved[2]
+# main() runs in this process: undo what it changes.
+pytestmark = pytest.mark.usefixtures("cli_undone")
 
 
 @pytest.fixture

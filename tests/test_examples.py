@@ -4,7 +4,6 @@ The examples run as they are on s3:// too, and ``ls`` lists what they wrote ther
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -17,15 +16,8 @@ from resumable import _cli
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(autouse=True)
-def logging_restored():
-    """Undo the logging set-up that main() makes in this process."""
-    package = logging.getLogger("resumable")
-    saved = (list(package.handlers), package.level, package.propagate)
-    yield
-    package.handlers[:] = saved[0]
-    package.setLevel(saved[1])
-    package.propagate = saved[2]
+# main() runs in this process: undo what it changes.
+pytestmark = pytest.mark.usefixtures("cli_undone")
 
 
 def run_example(cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:

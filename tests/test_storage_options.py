@@ -7,10 +7,10 @@ the extra to install; runs and ``ls`` work on s3:// through options alone.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import attrs
 import fsspec
@@ -29,6 +29,10 @@ VARIABLE = "RESUMABLE_STORAGE_OPTIONS"
 NOWHERE = "http://127.0.0.1:9"
 
 
+# main() runs in this process: undo what it changes.
+pytestmark = pytest.mark.usefixtures("cli_undone")
+
+
 @attrs.define
 class Empty:
     pass
@@ -41,23 +45,6 @@ def noop(state: Empty, step: int) -> None:
 declared = resumable.step(
     init=Empty, steps=1, storage_options={"anon": False, "profile": "decorator"}
 )(noop)
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """No RESUMABLE_* variables; undo what main() changes in this process."""
-    monkeypatch.delenv(VARIABLE, raising=False)
-    monkeypatch.delenv("RESUMABLE_STORAGE", raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    package = logging.getLogger("resumable")
-    saved = (list(package.handlers), package.level, package.propagate)
-    yield
-    sys.modules.pop(_cli.SCRIPT_MODULE, None)
-    package.handlers[:] = saved[0]
-    package.setLevel(saved[1])
-    package.propagate = saved[2]
 
 
 @pytest.fixture
@@ -101,10 +88,10 @@ def test_variable_that_is_no_json_object_is_a_configuration_error(
 
 
 @pytest.mark.parametrize("options", [["a", "b"], {1: "x"}, "endpoint"])
-def test_decorator_options_must_be_a_mapping_of_names(options: object) -> None:
+def test_decorator_options_must_be_a_mapping_of_names(options: Any) -> None:
     """storage_options of the wrong shape fail at declaration, naming the value."""
     with pytest.raises(ConfigurationError) as caught:
-        resumable.step(init=Empty, steps=1, storage_options=options)(noop)  # type: ignore[arg-type]  # the point
+        resumable.step(init=Empty, steps=1, storage_options=options)(noop)
 
     assert "storage_options" in str(caught.value)
 
