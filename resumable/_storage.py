@@ -205,17 +205,22 @@ class Storage:
 
     def uncommitted(self) -> list[str]:
         """Return the names of attempt folders that no manifest commits."""
-        names = set(self._names())
-        if self._upload_settings is not None:
-            # A folder whose only trace is an incomplete upload holds no object.
-            with self._translate("list uploads under", self.root):
-                names |= _s3.upload_folders(self.fs, self.root)
+        names = set(self._names()) | self._upload_folders()
         return sorted(
             name
             for name in names
             if parse_snapshot_name(name) is not None
             and name + MANIFEST_SUFFIX not in names
         )
+
+    @retried("list uploads under")
+    def _upload_folders(self) -> set[str]:
+        """Folders whose only trace may be an incomplete upload (S3 only)."""
+        if self._upload_settings is None:
+            return set()
+        with self._translate("list uploads under", self.root):
+            folders: set[str] = _s3.upload_folders(self.fs, self.root)
+        return folders
 
     def unrecognised(self) -> list[str]:
         """Return entries of the root that are neither snapshots nor attempts."""

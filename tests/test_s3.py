@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import HTTPClientError
 
+from resumable import _s3
 from resumable._archive import Archive
 from resumable._s3 import UploadSettings
 from resumable._storage import Storage
@@ -349,3 +350,24 @@ def test_part_size_grows_so_that_parts_fit_s3s_limit() -> None:
 
     expected = [16 * MIB, 16 * MIB, 105 * MIB]
     assert expected == sizes
+
+
+def test_listing_incomplete_uploads_is_retried(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient failure listing the incomplete uploads is retried, not fatal."""
+    monkeypatch.setenv("RESUMABLE_RETRY_DELAY", "0.01")
+    storage = Storage.open(s3_url)
+    storage.write_object("step-000000001-aaaaaaaaaaaa", "attempt.json", [b"{}"])
+    real = _s3.upload_folders
+    failures = [ConnectionResetError(104, "Connection reset by peer")]
+
+    def flaky(fs: Any, root: str) -> set[str]:
+        if failures:
+            raise failures.pop()
+        return real(fs, root)
+
+    monkeypatch.setattr(_s3, "upload_folders", flaky)
+
+    assert ["step-000000001-aaaaaaaaaaaa"] == storage.uncommitted()
+    assert [] == failures
