@@ -20,7 +20,7 @@ import errno
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import fsspec
@@ -37,6 +37,12 @@ from resumable.errors import ConfigurationError, StorageError
 
 logger = logging.getLogger(__name__)
 
+# Fills buffers in turn from an object read front to back; returns the bytes read,
+# short only at the object's end.
+Fill = Callable[[Sequence[memoryview]], int]
+
+# Buffers in one vectored read or write, at most: the kernel's limit (IOV_MAX).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 # The package each remote scheme needs, and the extra of resumable that installs it.
 _EXTRAS = {
     "s3": ("s3fs", "s3"),
@@ -214,6 +220,23 @@ class Storage:
                 done += count
             return done
 
+    @contextlib.contextmanager
+    def reading(self, snapshot: str, name: str) -> Iterator[Fill]:
+        """Open an object to read front to back; yield what fills buffers from it."""
+        path = self.path(snapshot, name)
+        with self._translate("read", path):
+            if not self._local:
+                with self.fs.open(path, "rb") as file:
+                    yield lambda views: _readinto_each(file, views)
+                return
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                yield lambda views: _readv_fully(descriptor, views)
+            finally:
+                os.close(descriptor)
+
     def sizes(self, snapshot: str) -> dict[str, int]:
         """Return the size of each object in a snapshot's folder."""
         with self._translate("list", self.path(snapshot)):
@@ -389,11 +412,13 @@ def _abandon(fs: fsspec.AbstractFileSystem, path: str, file: IO[bytes]) -> None:
 def _write_local(path: str, chunks: Iterable[Any]) -> int:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        with open(path, "wb") as file:
-            size = _write_chunks(file, chunks)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            size = _write_all(descriptor, chunks)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -401,6 +426,64 @@ def _write_local(path: str, chunks: Iterable[Any]) -> int:
     _fsync_folder(folder)
 
     return size
+
+
+def _write_all(descriptor: int, chunks: Iterable[Any]) -> int:
+    """Write chunks in order: a list in few vectored writes, others as they come."""
+    if not isinstance(chunks, list | tuple):
+        return sum(_writev_fully(descriptor, [_bytes(chunk)]) for chunk in chunks)
+    views = [_bytes(chunk) for chunk in chunks]
+    return sum(
+        _writev_fully(descriptor, views[start : start + _IOV_MAX])
+        for start in range(0, len(views), _IOV_MAX)
+    )
+
+
+def _bytes(chunk: Any) -> memoryview:
+    return memoryview(chunk).cast("B")
+
+
+def _writev_fully(descriptor: int, views: Sequence[memoryview]) -> int:
+    """Write every byte of ``views``, however many calls the kernel takes."""
+    size = sum(view.nbytes for view in views)
+    pending = [view for view in views if view.nbytes]
+    while pending:
+        pending = _advance(pending, os.writev(descriptor, pending))
+    return size
+
+
+def _readv_fully(descriptor: int, views: Sequence[memoryview]) -> int:
+    """Fill ``views`` in turn from the file; return the bytes read, short at its end."""
+    done, pending = 0, [view for view in views if view.nbytes]
+    while pending:
+        count = os.readv(descriptor, pending[:_IOV_MAX])
+        if not count:
+            break
+        done += count
+        pending = _advance(pending, count)
+    return done
+
+
+def _readinto_each(file: Any, views: Sequence[memoryview]) -> int:
+    done = 0
+    for view in views:
+        filled = 0
+        while filled < view.nbytes:
+            count = file.readinto(view[filled:])
+            if not count:
+                return done + filled
+            filled += count
+        done += filled
+    return done
+
+
+def _advance(views: list[memoryview], count: int) -> list[memoryview]:
+    """Return what remains of ``views`` after their first ``count`` bytes."""
+    for index, view in enumerate(views):
+        if count < view.nbytes:
+            return [view[count:], *views[index + 1 :]]
+        count -= view.nbytes
+    return []
 
 
 def _create_local(path: str, data: bytes) -> None:
