@@ -454,13 +454,13 @@ def _writev_fully(descriptor: int, views: Sequence[memoryview]) -> int:
 
 def _readv_fully(descriptor: int, views: Sequence[memoryview]) -> int:
     """Fill ``views`` in turn from the file; return the bytes read, short at its end."""
-    done, pending = 0, [view for view in views if view.nbytes]
+    done, pending = 0, list(views)
     while pending:
         count = os.readv(descriptor, pending[:_IOV_MAX])
-        if not count:
-            break
         done += count
         pending = _advance(pending, count)
+        if not count and any(view.nbytes for view in pending):
+            break  # The end of the file.
     return done
 
 

@@ -1,34 +1,32 @@
 """
 A data object's bytes between memory and storage, checksummed on the way.
 
-A write hashes in a second thread while the storage writes: both release the GIL,
-so the checksum costs the caller little. A read goes front to back into the
-buffers the caller placed (the live tensors, where it can), hashing each piece
-right after it arrives, while it is still in the cache; padding goes to a small
-scratch buffer and unplaced buffers to memory of their own. Knows neither torch
-nor fsspec.
+A write hands its chunks to ``Hashing`` and writes them meanwhile, so that the
+checksum overlaps the write and its fsync. A read goes front to back into the
+buffers the caller placed (the live tensors, where it can), and hands what
+arrived to ``Hashing`` every few MiB, so that the checksum overlaps the reads;
+padding and unplaced buffers get memory of their own. Knows neither torch nor
+fsspec.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from resumable._snapshot import DATA_OBJECT, Hasher, ObjectInfo, buffer_views
+from resumable._hashing import Hashing
+from resumable._snapshot import DATA_OBJECT, ObjectInfo, buffer_views
 from resumable._storage import Storage
 from resumable.errors import SnapshotCorruptError
 
-# Bytes read, or hashed, in one piece: small enough to stay in the cache between
-# its read and its hash, large enough that system calls cost little.
+# Bytes read in one system call, at most, and handed to the hashing at once: the
+# fastest here of those tried (benchmarks/bench_snapshot.py).
 _PIECE = 1 << 20
-# Objects smaller than this are hashed in the caller: a thread would cost more.
+_GROUP = 8 << 20
+# Objects smaller than this are hashed inline: a thread would cost more.
 _HASH_BESIDE_FROM = 4 << 20
 # Buffers in one vectored read, at most.
 _BATCH = 1024
-# Padding bytes that one batch can take (buffers are 64-byte aligned).
-_SCRATCH = _BATCH * 64
 
 # Where each buffer of a snapshot goes: a writable view of its size, or None.
 Places = Sequence[memoryview | None]
@@ -44,41 +42,16 @@ def write_checksummed(
     """Write one object from bytes-like chunks; return its size and checksum."""
     # A list, so that the storage may send it again after a transient failure.
     chunks = list(chunks)
-    hasher = Hasher(algorithm)
-    if sum(_bytes(chunk).nbytes for chunk in chunks) < _HASH_BESIDE_FROM:
-        _hash_all(hasher, chunks)
+    views = [_bytes(chunk) for chunk in chunks]
+    beside = sum(view.nbytes for view in views) >= _HASH_BESIDE_FROM
+    with Hashing(algorithm, beside=beside) as hashing:
+        for view in views:
+            for start in range(0, view.nbytes, _GROUP):
+                hashing.give([view[start : start + _GROUP]])
         size = storage.write_object(snapshot, name, chunks)
-    else:
-        size = _write_hashing_beside(storage, snapshot, name, chunks, hasher)
+        found = hashing.hexdigest()
 
-    return ObjectInfo(size=size, checksum=hasher.hexdigest())
-
-
-def _write_hashing_beside(
-    storage: Storage, snapshot: str, name: str, chunks: list[Any], hasher: Hasher
-) -> int:
-    stop = threading.Event()
-    with ThreadPoolExecutor(1, thread_name_prefix="resumable-checksum") as pool:
-        hashed = pool.submit(_hash_all, hasher, chunks, stop)
-        try:
-            size = storage.write_object(snapshot, name, chunks)
-        except BaseException:
-            stop.set()
-            raise
-        hashed.result()
-
-    return size
-
-
-def _hash_all(
-    hasher: Hasher, chunks: list[Any], stop: threading.Event | None = None
-) -> None:
-    for chunk in chunks:
-        view = _bytes(chunk)
-        for start in range(0, view.nbytes, 16 * _PIECE):
-            if stop is not None and stop.is_set():
-                return
-            hasher.update(view[start : start + 16 * _PIECE])
+    return ObjectInfo(size=size, checksum=found)
 
 
 def read_checksummed(
@@ -164,23 +137,24 @@ def _read(
     algorithm: str,
     parts: Iterable[memoryview | int],
 ) -> None:
-    hasher = Hasher(algorithm)
-    done = 0
-    with storage.reading(snapshot, DATA_OBJECT) as fill:
-        for batch in _batches(parts, memoryview(bytearray(_SCRATCH))):
-            expected = sum(view.nbytes for view in batch)
-            count = fill(batch)
-            done += count
-            if count < expected:
-                msg = (
-                    f"object {DATA_OBJECT} ended after {done} bytes, the manifest "
-                    f"says {info.size} bytes (torn or incomplete write)"
-                )
-                raise SnapshotCorruptError(msg)
-            # Invariant: hashed before the next batch reuses the scratch.
-            for view in batch:
-                hasher.update(view)
-    found = hasher.hexdigest()
+    done = grouped = 0
+    group: list[memoryview] = []
+    beside = info.size >= _HASH_BESIDE_FROM
+    with Hashing(algorithm, beside=beside) as hashing:
+        with storage.reading(snapshot, DATA_OBJECT) as fill:
+            for batch, size in _batches(parts):
+                count = fill(batch)
+                done += count
+                if count < size:
+                    _refuse_short(done, info)
+                group += batch
+                grouped += count
+                if grouped >= _GROUP:
+                    hashing.give(group)
+                    hashing.help()
+                    group, grouped = [], 0
+        hashing.give(group)
+        found = hashing.hexdigest()
     if found != info.checksum:
         msg = (
             f"object {DATA_OBJECT} has checksum {found}, the manifest says "
@@ -189,43 +163,37 @@ def _read(
         raise SnapshotCorruptError(msg)
 
 
+def _refuse_short(done: int, info: ObjectInfo) -> None:
+    msg = (
+        f"object {DATA_OBJECT} ended after {done} bytes, the manifest says "
+        f"{info.size} bytes (torn or incomplete write)"
+    )
+    raise SnapshotCorruptError(msg)
+
+
 def _batches(
-    parts: Iterable[memoryview | int], scratch: memoryview
-) -> Iterator[list[memoryview]]:
+    parts: Iterable[memoryview | int],
+) -> Iterator[tuple[list[memoryview], int]]:
     """
-    Group parts into vectored reads of about one piece each; large buffers are
-    split, padding is read into ``scratch``, reused by each batch.
+    Group parts into vectored reads of one piece at most, each with its size:
+    buffers are split, padding gets memory of its own (it waits to be hashed).
     """
     batch: list[memoryview] = []
-    size = used = 0
-    for part in _pieces(parts, scratch.nbytes):
-        length = part if isinstance(part, int) else part.nbytes
-        if batch and (
-            size + length > _PIECE
-            or len(batch) == _BATCH
-            or (isinstance(part, int) and used + part > scratch.nbytes)
-        ):
-            yield batch
-            batch, size, used = [], 0, 0
-        if isinstance(part, int):
-            batch.append(scratch[used : used + part])
-            used += part
-        else:
-            batch.append(part)
-        size += length
-    if batch:
-        yield batch
-
-
-def _pieces(parts: Iterable[memoryview | int], most: int) -> Iterator[memoryview | int]:
-    """Split buffers into pieces, and padding into parts the scratch can take."""
+    size = 0
     for part in parts:
-        if isinstance(part, int):
-            for start in range(0, part, most):
-                yield min(most, part - start)
-        else:
-            for start in range(0, part.nbytes, _PIECE):
-                yield part[start : start + _PIECE]
+        length = part if isinstance(part, int) else part.nbytes
+        for start in range(0, length, _PIECE):
+            step = min(_PIECE, length - start)
+            if batch and (size + step > _PIECE or len(batch) == _BATCH):
+                yield batch, size
+                batch, size = [], 0
+            if isinstance(part, int):
+                batch.append(memoryview(bytearray(step)))
+            else:
+                batch.append(part[start : start + step])
+            size += step
+    if batch:
+        yield batch, size
 
 
 def _bytes(chunk: Any) -> memoryview:
