@@ -12,6 +12,7 @@ from the page cache (posix_fadvise, no root needed).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -22,7 +23,7 @@ import attrs
 import torch
 
 from resumable._archive import Archive
-from resumable._state import decode_snapshot, encode_snapshot, schema
+from resumable._state import decode_snapshot, encode_snapshot, place_snapshot, schema
 from resumable._storage import Storage
 
 
@@ -73,7 +74,8 @@ def measure(
         manifests.append(archive.write(1, lineage, schema(state), content))
 
     def resumable_load() -> None:
-        loaded = archive.read(manifests[-1])
+        # As a resume does: read into the state's own tensors where they fit.
+        loaded = archive.read(manifests[-1], functools.partial(place_snapshot, state))
         decode_snapshot(state, loaded.tree, loaded.buffers)
 
     methods = {
