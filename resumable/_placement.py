@@ -34,11 +34,12 @@ def find_places(
     """
     found: dict[int, Any] = {}
     _Walk(found).fields(state, fields)
-    views = {index: _writable_bytes(value) for index, value in found.items()}
+    memory = {index: _writable_bytes(value) for index, value in found.items()}
     places: list[memoryview | None] = [None] * len(table)
-    for index in _apart(views):
-        if 0 <= index < len(table) and views[index].nbytes == table[index][1] > 0:
-            places[index] = views[index]
+    for index in _apart(memory):
+        view = memory[index][1]
+        if 0 <= index < len(table) and view.nbytes == table[index][1] > 0:
+            places[index] = view
 
     return places
 
@@ -108,18 +109,22 @@ class _Walk:
     _tuple = _list
 
 
-def _writable_bytes(value: Any) -> memoryview:
-    """Return the memory of a contiguous tensor or array as writable bytes."""
+def _writable_bytes(value: Any) -> tuple[int, memoryview]:
+    """Return the address and writable bytes of a contiguous tensor or array."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().reshape(-1).view(torch.uint8).numpy()
-    return memoryview(value.reshape(-1).view(np.uint8))
+        try:
+            array = value.detach().numpy()
+        except TypeError:  # A dtype numpy lacks, such as bfloat16.
+            array = value.detach().reshape(-1).view(torch.uint8).numpy()
+        return value.data_ptr(), array.data.cast("B")
+    return value.__array_interface__["data"][0], memoryview(value).cast("B")
 
 
-def _apart(views: dict[int, memoryview]) -> list[int]:
+def _apart(memory: dict[int, tuple[int, memoryview]]) -> list[int]:
     """Return the buffers whose memory no other buffer's overlaps (tied weights)."""
     spans = sorted(
-        (np.frombuffer(view, np.uint8).ctypes.data, view.nbytes, index)
-        for index, view in views.items()
+        (address, view.nbytes, index)
+        for index, (address, view) in memory.items()
         if view.nbytes
     )
     shared: set[int] = set()
