@@ -134,7 +134,11 @@ def place_snapshot(
         # A replay decodes the snapshot again once the step's start has changed
         # the live tensors: its bytes must stay apart from them.
         return [None] * len(table)
-    return find_places(state, fields, table)
+    try:
+        return find_places(state, fields, table)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        # Placing only saves copies; decoding says what is wrong with the tree.
+        return [None] * len(table)
 
 
 def decode_resume(tree: dict[str, Any], buffers: Sequence[memoryview]) -> Any:

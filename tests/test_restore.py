@@ -216,6 +216,16 @@ def test_snapshot_inside_a_step_keeps_its_bytes_apart() -> None:
     assert expected == places
 
 
+def test_tree_that_does_not_fit_is_left_to_the_decoder() -> None:
+    """A tree the placement cannot follow places nothing, and raises nothing."""
+    live = trained(2)
+    tree = {"state": {"model": {"k": "module", "state": {"k": "dict"}}}}
+
+    places = place_snapshot(live, tree, [[0, 4]])
+
+    assert [None] == places
+
+
 @attrs.define
 class Moving:
     """Weights moved by a momentum each step, all allocated by init()."""
