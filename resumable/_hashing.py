@@ -4,19 +4,37 @@ Checksums computed beside the caller's reads and writes, in order.
 A helper thread hashes the groups of buffers it is given while the caller goes on
 reading or writing: xxhash, os.readv and os.writev all release the GIL. Where the
 helper gets no core of its own and falls behind, the caller hashes waiting groups
-itself, so that a busy machine pays no more than hashing inline. Small objects
-are hashed inline, without a thread.
+itself. Small objects, and reads on a machine with no idle core, are hashed
+inline, without a thread.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 from resumable._snapshot import Hasher
+
+
+def has_idle_core() -> bool:
+    """
+    Say whether a helper thread would likely find a core of its own: the
+    1-minute load average leaves at least half a core of those this process
+    may use. On a busy machine, a helper only adds switching between threads.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # Not on Linux.
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return cores > 1
+    return load < cores - 0.5
 
 
 class Hashing:

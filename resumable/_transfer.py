@@ -4,9 +4,10 @@ A data object's bytes between memory and storage, checksummed on the way.
 A write hands its chunks to ``Hashing`` and writes them meanwhile, so that the
 checksum overlaps the write and its fsync. A read goes front to back into the
 buffers the caller placed (the live tensors, where it can), and hands what
-arrived to ``Hashing`` every few MiB, so that the checksum overlaps the reads;
-padding and unplaced buffers get memory of their own. Knows neither torch nor
-fsspec.
+arrived to ``Hashing`` every few MiB, so that the checksum overlaps the reads
+(or, with no idle core, hashes each small piece right after it arrives, still in
+the cache); padding and unplaced buffers get memory of their own. Knows neither
+torch nor fsspec.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from resumable._hashing import Hashing
+from resumable._hashing import Hashing, has_idle_core
 from resumable._snapshot import DATA_OBJECT, ObjectInfo, buffer_views
 from resumable._storage import Storage
 from resumable.errors import SnapshotCorruptError
 
-# Bytes read in one system call, at most, and handed to the hashing at once: the
-# fastest here of those tried (benchmarks/bench_snapshot.py).
-_PIECE = 1 << 20
-_GROUP = 8 << 20
+# Bytes read in one system call, at most, and handed to the hashing at once. With
+# a helper thread, few handovers; inline, pieces small enough to be still in the
+# cache when hashed. The fastest here of those tried (bench_snapshot.py).
+_PIECE, _GROUP = 1 << 20, 8 << 20
+_INLINE_PIECE = 256 << 10
 # Objects smaller than this are hashed inline: a thread would cost more.
 _HASH_BESIDE_FROM = 4 << 20
 # Buffers in one vectored read, at most.
@@ -103,10 +105,12 @@ def _destinations(table: Sequence[Sequence[int]], places: Places) -> list[memory
         place if place is not None and place.nbytes == length else None
         for (_, length), place in zip(table, places, strict=True)
     ]
-    own = [
-        length for (_, length), place in zip(table, chosen, strict=True) if not place
-    ]
-    spare = memoryview(bytearray(sum(own)))
+    own = sum(
+        length
+        for (_, length), place in zip(table, chosen, strict=True)
+        if place is None
+    )
+    spare = memoryview(bytearray(own))
     buffers = []
     for (_, length), place in zip(table, chosen, strict=True):
         if place is None:
@@ -118,16 +122,18 @@ def _destinations(table: Sequence[Sequence[int]], places: Places) -> list[memory
 
 def _front_to_back(
     table: Sequence[Sequence[int]], buffers: list[memoryview], info: ObjectInfo
-) -> Iterator[memoryview | int]:
-    """Yield the object's parts in order: each buffer, or a count of padding bytes."""
-    position = 0
+) -> list[memoryview]:
+    """Return the object's regions in order: each buffer, and padding of its own."""
+    regions, position = [], 0
     for (offset, length), buffer in zip(table, buffers, strict=True):
         if offset > position:
-            yield offset - position
-        yield buffer
+            regions.append(memoryview(bytearray(offset - position)))
+        regions.append(buffer)
         position = offset + length
     if info.size > position:
-        yield info.size - position
+        regions.append(memoryview(bytearray(info.size - position)))
+
+    return regions
 
 
 def _read(
@@ -135,25 +141,22 @@ def _read(
     snapshot: str,
     info: ObjectInfo,
     algorithm: str,
-    parts: Iterable[memoryview | int],
+    regions: list[memoryview],
 ) -> None:
-    done = grouped = 0
-    group: list[memoryview] = []
-    beside = info.size >= _HASH_BESIDE_FROM
+    arrived = _Arrived(regions)
+    beside = info.size >= _HASH_BESIDE_FROM and has_idle_core()
+    piece, group = (_PIECE, _GROUP) if beside else (_INLINE_PIECE, _INLINE_PIECE)
     with Hashing(algorithm, beside=beside) as hashing:
         with storage.reading(snapshot, DATA_OBJECT) as fill:
-            for batch, size in _batches(parts):
+            for batch, size in _batches(regions, piece):
                 count = fill(batch)
-                done += count
                 if count < size:
-                    _refuse_short(done, info)
-                group += batch
-                grouped += count
-                if grouped >= _GROUP:
-                    hashing.give(group)
+                    _refuse_short(arrived.end + count, info)
+                arrived.end += count
+                if arrived.end - arrived.given >= group:
+                    hashing.give(arrived.take())
                     hashing.help()
-                    group, grouped = [], 0
-        hashing.give(group)
+        hashing.give(arrived.take())
         found = hashing.hexdigest()
     if found != info.checksum:
         msg = (
@@ -161,6 +164,29 @@ def _read(
             f"{info.checksum} (damaged bytes)"
         )
         raise SnapshotCorruptError(msg)
+
+
+class _Arrived:
+    """The bytes read so far, handed to the hashing as few long views."""
+
+    def __init__(self, regions: list[memoryview]) -> None:
+        self._regions = regions
+        self._index = self._offset = 0
+        # Bytes read, and bytes handed over, from the object's start.
+        self.end = self.given = 0
+
+    def take(self) -> list[memoryview]:
+        """Return views of the bytes that arrived since the last call."""
+        views = []
+        while self.given < self.end:
+            region = self._regions[self._index]
+            step = min(region.nbytes - self._offset, self.end - self.given)
+            views.append(region[self._offset : self._offset + step])
+            self._offset += step
+            self.given += step
+            if self._offset == region.nbytes:
+                self._index, self._offset = self._index + 1, 0
+        return views
 
 
 def _refuse_short(done: int, info: ObjectInfo) -> None:
@@ -172,26 +198,19 @@ def _refuse_short(done: int, info: ObjectInfo) -> None:
 
 
 def _batches(
-    parts: Iterable[memoryview | int],
+    regions: list[memoryview], most: int
 ) -> Iterator[tuple[list[memoryview], int]]:
-    """
-    Group parts into vectored reads of one piece at most, each with its size:
-    buffers are split, padding gets memory of its own (it waits to be hashed).
-    """
+    """Group regions into vectored reads of ``most`` bytes at most, with their size."""
     batch: list[memoryview] = []
     size = 0
-    for part in parts:
-        length = part if isinstance(part, int) else part.nbytes
-        for start in range(0, length, _PIECE):
-            step = min(_PIECE, length - start)
-            if batch and (size + step > _PIECE or len(batch) == _BATCH):
+    for region in regions:
+        for start in range(0, region.nbytes, most):
+            piece = region[start : start + most]
+            if batch and (size + piece.nbytes > most or len(batch) == _BATCH):
                 yield batch, size
                 batch, size = [], 0
-            if isinstance(part, int):
-                batch.append(memoryview(bytearray(step)))
-            else:
-                batch.append(part[start : start + step])
-            size += step
+            batch.append(piece)
+            size += piece.nbytes
     if batch:
         yield batch, size
 

@@ -5,6 +5,7 @@ thread hashes them, errors reach the caller, and a failed caller stops the helpe
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from resumable import _hashing
-from resumable._hashing import Hashing
+from resumable._hashing import Hashing, has_idle_core
 from resumable._snapshot import checksum
 
 
@@ -79,3 +80,14 @@ def test_failed_caller_stops_the_helper(monkeypatch: pytest.MonkeyPatch) -> None
     helpers = [t for t in threading.enumerate() if t.name == "resumable-checksum"]
     assert [] == helpers
     assert len(hashed) < 10
+
+
+@pytest.mark.parametrize(("load", "expected"), [(0.4, True), (1.6, False)])
+def test_idle_core_follows_the_load_average(
+    monkeypatch: pytest.MonkeyPatch, load: float, expected: bool
+) -> None:
+    """On two cores, a load under one and a half leaves a core for a helper."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+
+    assert expected == has_idle_core()

@@ -55,9 +55,13 @@ SIZES = {
 }
 
 
+@pytest.mark.parametrize("idle", [True, False])
 @pytest.mark.parametrize("layout", list(SIZES))
-def test_read_back_into_placed_and_own_buffers(tmp_path: Any, layout: str) -> None:
+def test_read_back_into_placed_and_own_buffers(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, layout: str, idle: bool
+) -> None:
     """Every other buffer is read into its place, the rest into own memory."""
+    monkeypatch.setattr(_transfer, "has_idle_core", lambda: idle)
     parts = buffers(SIZES[layout])
     storage, info, table = write(f"file://{tmp_path}", parts)
     targets = [bytearray(part.nbytes) for part in parts]
