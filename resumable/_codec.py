@@ -255,7 +255,7 @@ class Decoder:
             and current.flags.writeable
         ):
             # Read straight into it (``_placement``): the bytes are there.
-            placed = current.ctypes.data == source.ctypes.data and source.size
+            placed = bool(source.size) and current.ctypes.data == source.ctypes.data
             if not (placed and current.flags.c_contiguous):
                 current[...] = source
             return current

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 # short only at the object's end.
 Fill = Callable[[Sequence[memoryview]], int]
 
-# Buffers in one vectored read or write, at most: the kernel's limit (IOV_MAX).
+# Buffers in one vectored read, at most: the kernel's limit (IOV_MAX).
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 # The package each remote scheme needs, and the extra of resumable that installs it.
 _EXTRAS = {
@@ -412,43 +412,19 @@ def _abandon(fs: fsspec.AbstractFileSystem, path: str, file: IO[bytes]) -> None:
 def _write_local(path: str, chunks: Iterable[Any]) -> int:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        try:
-            size = _write_all(descriptor, chunks)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        # Buffered: small chunks (padding, small tensors) go out together,
+        # large ones straight from the caller's memory, in one call each.
+        with open(path, "wb") as file:
+            size = _write_chunks(file, chunks)
+            file.flush()
+            os.fsync(file.fileno())
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
     _fsync_folder(folder)
 
-    return size
-
-
-def _write_all(descriptor: int, chunks: Iterable[Any]) -> int:
-    """Write chunks in order: a list in few vectored writes, others as they come."""
-    if not isinstance(chunks, list | tuple):
-        return sum(_writev_fully(descriptor, [_bytes(chunk)]) for chunk in chunks)
-    views = [_bytes(chunk) for chunk in chunks]
-    return sum(
-        _writev_fully(descriptor, views[start : start + _IOV_MAX])
-        for start in range(0, len(views), _IOV_MAX)
-    )
-
-
-def _bytes(chunk: Any) -> memoryview:
-    return memoryview(chunk).cast("B")
-
-
-def _writev_fully(descriptor: int, views: Sequence[memoryview]) -> int:
-    """Write every byte of ``views``, however many calls the kernel takes."""
-    size = sum(view.nbytes for view in views)
-    pending = [view for view in views if view.nbytes]
-    while pending:
-        pending = _advance(pending, os.writev(descriptor, pending))
     return size
 
 

@@ -288,26 +288,21 @@ def test_reading_fills_buffers_in_turn(storage_url: str) -> None:
     assert expected == (counts, first, second, third)
 
 
-def test_local_write_and_read_survive_partial_system_calls(
+def test_local_read_survives_partial_system_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Vectored writes and reads that move 3 bytes a call still move every byte."""
+    """Vectored reads that move 3 bytes a call still fill every buffer in turn."""
     storage = Storage.open(f"file://{tmp_path}")
-    writev, readv = os.writev, os.readv
-
-    def short_writev(descriptor: int, views: list[memoryview]) -> int:
-        return writev(descriptor, [memoryview(views[0]).cast("B")[:3]])
+    size = storage.write_object(NAME, "data.bin", [b"abcdefghijklmn" * 700])
+    readv = os.readv
 
     def short_readv(descriptor: int, views: list[memoryview]) -> int:
         return readv(descriptor, [memoryview(views[0]).cast("B")[:3]])
 
-    monkeypatch.setattr(os, "writev", short_writev)
     monkeypatch.setattr(os, "readv", short_readv)
-    chunks = [b"ab", bytearray(b"cdefg"), memoryview(b"hijklmn")] * 700
-    size = storage.write_object(NAME, "data.bin", chunks)
-    back = bytearray(size)
+    backs = [bytearray(size // 2), bytearray(5), bytearray(size - size // 2 - 5)]
     with storage.reading(NAME, "data.bin") as fill:
-        count = fill([memoryview(back)])
+        count = fill([memoryview(back) for back in backs])
 
-    expected = (14 * 700, 14 * 700, b"abcdefghijklmn" * 700)
-    assert expected == (size, count, bytes(back))
+    expected = (size, b"abcdefghijklmn" * 700)
+    assert expected == (count, b"".join(backs))
