@@ -47,13 +47,26 @@ def write_checksummed(
     views = [_bytes(chunk) for chunk in chunks]
     beside = sum(view.nbytes for view in views) >= _HASH_BESIDE_FROM
     with Hashing(algorithm, beside=beside) as hashing:
-        for view in views:
-            for start in range(0, view.nbytes, _GROUP):
-                hashing.give([view[start : start + _GROUP]])
+        for group in _groups(views):
+            hashing.give(group)
         size = storage.write_object(snapshot, name, chunks)
         found = hashing.hexdigest()
 
     return ObjectInfo(size=size, checksum=found)
+
+
+def _groups(views: list[memoryview]) -> Iterator[list[memoryview]]:
+    """Split views into groups of about ``_GROUP`` bytes, in order."""
+    group: list[memoryview] = []
+    size = 0
+    for view in views:
+        for start in range(0, view.nbytes, _GROUP):
+            group.append(view[start : start + _GROUP])
+            size += group[-1].nbytes
+            if size >= _GROUP:
+                yield group
+                group, size = [], 0
+    yield group
 
 
 def read_checksummed(

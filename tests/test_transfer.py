@@ -51,6 +51,7 @@ def read(storage: Storage, info: ObjectInfo, table: Any, places: Any) -> list[by
 SIZES = {
     "large": [5 * 2**20 + 3, 17, 2**20],
     "many small": [i % 97 for i in range(2500)],
+    "many medium": [20_000 + i for i in range(300)],
     "empty": [],
 }
 
