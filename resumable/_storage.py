@@ -430,7 +430,7 @@ def _write_local(path: str, chunks: Iterable[Any]) -> int:
 
 def _readv_fully(descriptor: int, views: Sequence[memoryview]) -> int:
     """Fill ``views`` in turn from the file; return the bytes read, short at its end."""
-    done, pending = 0, list(views)
+    done, pending = 0, views
     while pending:
         count = os.readv(descriptor, pending[:_IOV_MAX])
         done += count
@@ -453,7 +453,7 @@ def _readinto_each(file: Any, views: Sequence[memoryview]) -> int:
     return done
 
 
-def _advance(views: list[memoryview], count: int) -> list[memoryview]:
+def _advance(views: Sequence[memoryview], count: int) -> Sequence[memoryview]:
     """Return what remains of ``views`` after their first ``count`` bytes."""
     for index, view in enumerate(views):
         if count < view.nbytes:

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from resumable._hashing import Hashing, has_idle_core
-from resumable._snapshot import DATA_OBJECT, ObjectInfo, buffer_views
-from resumable._storage import Storage
+from resumable._snapshot import DATA_OBJECT, Hasher, ObjectInfo, buffer_views
+from resumable._storage import Fill, Storage
 from resumable.errors import SnapshotCorruptError
 
 # Bytes read in one system call, at most, and handed to the hashing at once. With
@@ -156,27 +156,52 @@ def _read(
     algorithm: str,
     regions: list[memoryview],
 ) -> None:
-    arrived = _Arrived(regions)
-    beside = info.size >= _HASH_BESIDE_FROM and has_idle_core()
-    piece, group = (_PIECE, _GROUP) if beside else (_INLINE_PIECE, _INLINE_PIECE)
-    with Hashing(algorithm, beside=beside) as hashing:
+    if info.size >= _HASH_BESIDE_FROM and has_idle_core():
+        with Hashing(algorithm, beside=True) as hashing:
+            with storage.reading(snapshot, DATA_OBJECT) as fill:
+                _read_handing_over(fill, regions, hashing, info)
+            found = hashing.hexdigest()
+    else:
+        hasher = Hasher(algorithm)
         with storage.reading(snapshot, DATA_OBJECT) as fill:
-            for batch, size in _batches(regions, piece):
-                count = fill(batch)
-                if count < size:
-                    _refuse_short(arrived.end + count, info)
-                arrived.end += count
-                if arrived.end - arrived.given >= group:
-                    hashing.give(arrived.take())
-                    hashing.help()
-        hashing.give(arrived.take())
-        found = hashing.hexdigest()
+            _read_hashing(fill, regions, hasher, info)
+        found = hasher.hexdigest()
     if found != info.checksum:
         msg = (
             f"object {DATA_OBJECT} has checksum {found}, the manifest says "
             f"{info.checksum} (damaged bytes)"
         )
         raise SnapshotCorruptError(msg)
+
+
+def _read_hashing(
+    fill: Fill, regions: list[memoryview], hasher: Hasher, info: ObjectInfo
+) -> None:
+    """Read in small pieces, each hashed right after it arrives, still in the cache."""
+    done = 0
+    for batch, size in _batches(regions, _INLINE_PIECE):
+        count = fill(batch)
+        done += count
+        if count < size:
+            _refuse_short(done, info)
+        for view in batch:
+            hasher.update(view)
+
+
+def _read_handing_over(
+    fill: Fill, regions: list[memoryview], hashing: Hashing, info: ObjectInfo
+) -> None:
+    """Read in pieces, handing what arrived to the hashing thread every group."""
+    arrived = _Arrived(regions)
+    for batch, size in _batches(regions, _PIECE):
+        count = fill(batch)
+        if count < size:
+            _refuse_short(arrived.end + count, info)
+        arrived.end += count
+        if arrived.end - arrived.given >= _GROUP:
+            hashing.give(arrived.take())
+            hashing.help()
+    hashing.give(arrived.take())
 
 
 class _Arrived:
