@@ -34,6 +34,7 @@ def has_idle_core() -> bool:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return cores > 1
+
     return load < cores - 0.5
 
 

@@ -437,6 +437,7 @@ def _readv_fully(descriptor: int, views: Sequence[memoryview]) -> int:
         pending = _advance(pending, count)
         if not count and any(view.nbytes for view in pending):
             break  # The end of the file.
+
     return done
 
 
@@ -450,6 +451,7 @@ def _readinto_each(file: Any, views: Sequence[memoryview]) -> int:
                 return done + filled
             filled += count
         done += filled
+
     return done
 
 

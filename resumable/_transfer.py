@@ -224,6 +224,7 @@ class _Arrived:
             self.given += step
             if self._offset == region.nbytes:
                 self._index, self._offset = self._index + 1, 0
+
         return views
 
 
