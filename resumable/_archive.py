@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -20,14 +20,13 @@ import attrs
 from resumable._lease import Lease
 from resumable._snapshot import (
     ATTEMPT_OBJECT,
+    CHECKSUM_ALGORITHM,
     DATA_OBJECT,
     INDEX_OBJECT,
     START_PREFIX,
-    Hasher,
     Manifest,
     ObjectInfo,
     buffer_table,
-    buffer_views,
     check_compatible,
     checksum,
     current_versions,
@@ -37,6 +36,7 @@ from resumable._snapshot import (
 )
 from resumable._space import abandon_attempt, delete_attempt
 from resumable._storage import Storage
+from resumable._transfer import Places, read_checksummed, write_checksummed
 from resumable.errors import (
     IncompatibleSnapshotError,
     NoProgressError,
@@ -47,6 +47,9 @@ from resumable.errors import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Given a snapshot's tree and buffer table, says where each buffer's bytes go.
+Placer = Callable[[dict[str, Any], list[list[int]]], Places]
 
 
 @attrs.frozen
@@ -140,12 +143,16 @@ class Archive:
                 raise IncompatibleSnapshotError(msg)
 
     def newest_verified(
-        self, listing: Iterable[Listed], schema: dict[str, Any]
+        self,
+        listing: Iterable[Listed],
+        schema: dict[str, Any],
+        place: Placer | None = None,
     ) -> Loaded | None:
         """
         Return the newest snapshot of this program that verifies, or None.
 
         Torn or damaged snapshots are skipped with a warning that says why.
+        ``place`` puts each candidate's bytes where they go (see ``read``).
 
         Raises:
             IncompatibleSnapshotError: The newest one holds another schema, or
@@ -165,7 +172,7 @@ class Archive:
                 continue
             try:
                 check_compatible(entry.manifest, self.program, schema)
-                return self.read(entry.manifest)
+                return self.read(entry.manifest, place)
             except SnapshotCorruptError as err:
                 logger.warning("snapshot skipped: name=%s, reason=%s", entry.name, err)
                 skipped.append(entry.name)
@@ -179,15 +186,43 @@ class Archive:
             raise IncompatibleSnapshotError(msg)
         return None
 
-    def read(self, manifest: Manifest) -> Loaded:
+    def read(self, manifest: Manifest, place: Placer | None = None) -> Loaded:
         """
         Read a snapshot and check each object's size and checksum.
+
+        ``place`` names, from the index, a writable view for each buffer to be
+        read into (the live tensors a restore fills), or None for memory of its
+        own. Where the snapshot fails its checksum, those views hold whatever
+        bytes arrived.
 
         Raises:
             SnapshotCorruptError: Something is missing, short or damaged.
         """
         name = manifest.name
-        sizes = self.storage.sizes(name)
+        self._check_sizes(manifest)
+        index = self.storage.read(name, INDEX_OBJECT)
+        _check_sum(manifest, INDEX_OBJECT, index)
+        try:
+            parsed = json.loads(index)
+            tree, table = parsed["tree"], parsed["buffers"]
+            table = [[int(offset), int(size)] for offset, size in table]
+        except (ValueError, KeyError, TypeError) as err:
+            msg = f"index of {name} is unreadable: {err}"
+            raise SnapshotCorruptError(msg) from None
+        places = place(tree, table) if place else [None] * len(table)
+        buffers = read_checksummed(
+            self.storage,
+            name,
+            manifest.objects[DATA_OBJECT],
+            manifest.checksum_algorithm,
+            table,
+            places,
+        )
+
+        return Loaded(manifest, tree, buffers)
+
+    def _check_sizes(self, manifest: Manifest) -> None:
+        sizes = self.storage.sizes(manifest.name)
         for object_name, info in manifest.objects.items():
             found = sizes.get(object_name)
             if found != info.size:
@@ -197,20 +232,6 @@ class Archive:
                     f"{info.size} bytes (torn or incomplete write)"
                 )
                 raise SnapshotCorruptError(msg)
-        index = self.storage.read(name, INDEX_OBJECT)
-        _check_sum(manifest, INDEX_OBJECT, index)
-        data = bytearray(manifest.objects[DATA_OBJECT].size)
-        self.storage.read_into(name, DATA_OBJECT, data)
-        _check_sum(manifest, DATA_OBJECT, data)
-        try:
-            parsed = json.loads(index)
-            buffers = buffer_views(memoryview(data), parsed["buffers"])
-            tree = parsed["tree"]
-        except (ValueError, KeyError, TypeError) as err:
-            msg = f"index of {name} is unreadable: {err}"
-            raise SnapshotCorruptError(msg) from None
-
-        return Loaded(manifest, tree, buffers)
 
     def write(
         self,
@@ -264,6 +285,7 @@ class Archive:
             write_seconds=time.perf_counter() - started,
             arguments=arguments,
             incarnation=self.lease.number if self.lease else 0,
+            checksum_algorithm=CHECKSUM_ALGORITHM,
         )
         self._check_lease("commit", name)
         # Invariant: the manifest is written last, after every object is durable.
@@ -404,19 +426,14 @@ class Archive:
         return record if isinstance(record, dict) else None
 
     def _write(self, name: str, object_name: str, chunks: Iterable[Any]) -> ObjectInfo:
-        # A list, so that the storage may send it again after a transient failure.
-        chunks = list(chunks)
-        hasher = Hasher()
-        for chunk in chunks:
-            hasher.update(chunk)
-        size = self.storage.write_object(name, object_name, chunks)
-
-        return ObjectInfo(size=size, checksum=hasher.hexdigest())
+        return write_checksummed(
+            self.storage, name, object_name, chunks, CHECKSUM_ALGORITHM
+        )
 
 
 def _check_sum(manifest: Manifest, object_name: str, data: Any) -> None:
     expected = manifest.objects[object_name].checksum
-    found = checksum(data)
+    found = checksum(data, manifest.checksum_algorithm)
     if found != expected:
         msg = (
             f"object {object_name} has checksum {found}, the manifest says {expected} "

@@ -233,6 +233,10 @@ class Decoder:
             flat = torch.empty(0, dtype=torch.uint8)
         source = flat.view(dtype).reshape(node["shape"])
         if isinstance(current, torch.Tensor) and _fits(current, source):
+            if _same_memory(current, source):
+                # Read straight into it (``_placement``): the bytes are there.
+                torch.autograd.graph.increment_version(current)
+                return current
             if not self._in_place:
                 return source.to(current.device, copy=True)
             with torch.no_grad():
@@ -250,7 +254,10 @@ class Decoder:
             and current.dtype == source.dtype
             and current.flags.writeable
         ):
-            current[...] = source
+            # Read straight into it (``_placement``): the bytes are there.
+            placed = bool(source.size) and current.ctypes.data == source.ctypes.data
+            if not (placed and current.flags.c_contiguous):
+                current[...] = source
             return current
         return source.copy()
 
@@ -293,7 +300,15 @@ class Decoder:
         if not isinstance(current, torch.nn.Module):
             _refuse_in_place(current, "a torch.nn.Module", path)
         inner = unwrap_module(current)
-        state = self.decode(node["state"], None, f"{path}.state_dict()")
+        # The live state dict only says where each tensor goes (bytes read
+        # there already stay); load_state_dict() does the loading.
+        self._in_place, in_place = False, self._in_place
+        try:
+            state = self.decode(
+                node["state"], inner.state_dict(), f"{path}.state_dict()"
+            )
+        finally:
+            self._in_place = in_place
         try:
             inner.load_state_dict(state, strict=True)
         except RuntimeError as err:
@@ -474,6 +489,15 @@ def _fits(current: Any, source: torch.Tensor) -> bool:
         and current.shape == source.shape
         and current.dtype == source.dtype
         and current.layout == torch.strided
+    )
+
+
+def _same_memory(current: torch.Tensor, source: torch.Tensor) -> bool:
+    return (
+        current.device.type == "cpu"
+        and source.numel() > 0
+        and current.data_ptr() == source.data_ptr()
+        and current.is_contiguous()
     )
 
 

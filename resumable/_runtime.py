@@ -8,6 +8,7 @@ and the storage.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +39,7 @@ from resumable._state import (
     decode_resume,
     decode_snapshot,
     encode_snapshot,
+    place_snapshot,
     schema,
 )
 from resumable._step import Step
@@ -179,7 +181,8 @@ def _load(step: Step[StateT], archive: Archive, storage: str) -> StateT:
     check_state(state, "init()")
     listing = archive.listing()
     archive.check_foreign(listing)
-    loaded = archive.newest_verified(listing, schema(state))
+    place = functools.partial(place_snapshot, state)
+    loaded = archive.newest_verified(listing, schema(state), place)
     if loaded is None:
         msg = f"No snapshot of {step.program} at {storage}."
         raise NoSnapshotError(msg)
@@ -304,7 +307,8 @@ class Runtime(Generic[StateT]):
             )
         loaded = None
         if not self.settings.fresh:
-            loaded = self.archive.newest_verified(listing, schema(state))
+            place = functools.partial(place_snapshot, state)
+            loaded = self.archive.newest_verified(listing, schema(state), place)
         if loaded is not None:
             self._check_arguments(loaded.manifest)
             self.lineage = loaded.manifest.lineage

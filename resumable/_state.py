@@ -19,6 +19,7 @@ from resumable._codec import (
     restore_fields,
     snapshot_fields,
 )
+from resumable._placement import find_places
 from resumable._rng import capture_global_rngs, restore_global_rngs
 from resumable.errors import IncompatibleSnapshotError, StateDefinitionError
 
@@ -118,6 +119,26 @@ def decode_snapshot(
     restore_global_rngs(decoder.decode(rng, None, "global random generators"))
 
     return list(history)
+
+
+def place_snapshot(
+    state: Any, tree: dict[str, Any], table: Sequence[Sequence[int]]
+) -> list[memoryview | None]:
+    """
+    Return, for each buffer of a snapshot, the live memory of ``state`` that
+    restoring it fills, or None; ``decode_snapshot`` then copies nothing for
+    the buffers read there.
+    """
+    fields = tree.get("state")
+    if "resume" in tree or type(fields) is not dict:
+        # A replay decodes the snapshot again once the step's start has changed
+        # the live tensors: its bytes must stay apart from them.
+        return [None] * len(table)
+    try:
+        return find_places(state, fields, table)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        # Placing only saves copies; decoding says what is wrong with the tree.
+        return [None] * len(table)
 
 
 def decode_resume(tree: dict[str, Any], buffers: Sequence[memoryview]) -> Any:

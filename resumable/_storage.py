@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import fsspec
@@ -39,6 +39,12 @@ from resumable.errors import ConfigurationError, StorageError
 
 logger = logging.getLogger(__name__)
 
+# Fills buffers in turn from an object read front to back; returns the bytes read,
+# short only at the object's end.
+Fill = Callable[[Sequence[memoryview]], int]
+
+# Buffers in one vectored read, at most: the kernel's limit (IOV_MAX).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 # The package each remote scheme needs, and the extra of resumable that installs it.
 _EXTRAS = {
     "s3": ("s3fs", "s3"),
@@ -255,6 +261,23 @@ class Storage:
                 done += count
             return done
 
+    @contextlib.contextmanager
+    def reading(self, snapshot: str, name: str) -> Iterator[Fill]:
+        """Open an object to read front to back; yield what fills buffers from it."""
+        path = self.path(snapshot, name)
+        with self._translate("read", path):
+            if not self._local:
+                with self.fs.open(path, "rb") as file:
+                    yield lambda views: _readinto_each(file, views)
+                return
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                yield lambda views: _readv_fully(descriptor, views)
+            finally:
+                os.close(descriptor)
+
     @retried("list")
     def sizes(self, snapshot: str) -> dict[str, int]:
         """Return the size of each object in a snapshot's folder."""
@@ -469,6 +492,8 @@ def _write_local(path: str, chunks: Iterable[Any]) -> int:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     try:
+        # Buffered: small chunks (padding, small tensors) go out together,
+        # large ones straight from the caller's memory, in one call each.
         with open(path, "wb") as file:
             size = _write_chunks(file, chunks)
             file.flush()
@@ -480,6 +505,42 @@ def _write_local(path: str, chunks: Iterable[Any]) -> int:
     _fsync_folder(folder)
 
     return size
+
+
+def _readv_fully(descriptor: int, views: Sequence[memoryview]) -> int:
+    """Fill ``views`` in turn from the file; return the bytes read, short at its end."""
+    done, pending = 0, views
+    while pending:
+        count = os.readv(descriptor, pending[:_IOV_MAX])
+        done += count
+        pending = _advance(pending, count)
+        if not count and any(view.nbytes for view in pending):
+            break  # The end of the file.
+
+    return done
+
+
+def _readinto_each(file: Any, views: Sequence[memoryview]) -> int:
+    done = 0
+    for view in views:
+        filled = 0
+        while filled < view.nbytes:
+            count = file.readinto(view[filled:])
+            if not count:
+                return done + filled
+            filled += count
+        done += filled
+
+    return done
+
+
+def _advance(views: Sequence[memoryview], count: int) -> Sequence[memoryview]:
+    """Return what remains of ``views`` after their first ``count`` bytes."""
+    for index, view in enumerate(views):
+        if count < view.nbytes:
+            return [view[count:], *views[index + 1 :]]
+        count -= view.nbytes
+    return []
 
 
 def _create_local(path: str, data: bytes) -> None:

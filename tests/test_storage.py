@@ -270,3 +270,39 @@ def test_a_claim_on_a_full_disk_is_created_empty(
 
     assert (True, False) == (created, again)
     assert (tmp_path / "store" / "incarnation-000000001.json").exists()
+
+
+def test_reading_fills_buffers_in_turn(storage_url: str) -> None:
+    """reading() fills buffers front to back; the count is short past the end."""
+    storage = Storage.open(storage_url)
+    storage.write_object(NAME, "data.bin", [b"abcdefghij"])
+    first, second, third = bytearray(3), bytearray(4), bytearray(5)
+
+    with storage.reading(NAME, "data.bin") as fill:
+        counts = (
+            fill([memoryview(first), memoryview(second)]),
+            fill([memoryview(third)]),
+        )
+
+    expected = ((7, 3), b"abc", b"defg", b"hij\0\0")
+    assert expected == (counts, first, second, third)
+
+
+def test_local_read_survives_partial_system_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vectored reads that move 3 bytes a call still fill every buffer in turn."""
+    storage = Storage.open(f"file://{tmp_path}")
+    size = storage.write_object(NAME, "data.bin", [b"abcdefghijklmn" * 700])
+    readv = os.readv
+
+    def short_readv(descriptor: int, views: list[memoryview]) -> int:
+        return readv(descriptor, [memoryview(views[0]).cast("B")[:3]])
+
+    monkeypatch.setattr(os, "readv", short_readv)
+    backs = [bytearray(size // 2), bytearray(5), bytearray(size - size // 2 - 5)]
+    with storage.reading(NAME, "data.bin") as fill:
+        count = fill([memoryview(back) for back in backs])
+
+    expected = (size, b"abcdefghijklmn" * 700)
+    assert expected == (count, b"".join(backs))
