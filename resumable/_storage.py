@@ -22,7 +22,7 @@ import os
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 # Fills buffers in turn from an object read front to back; returns the bytes read,
 # short only at the object's end.
 Fill = Callable[[Sequence[memoryview]], int]
+T = TypeVar("T")
 
 # Buffers in one vectored read, at most: the kernel's limit (IOV_MAX).
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
@@ -248,33 +249,22 @@ class Storage:
         return data
 
     @retried("read")
-    def read_into(self, snapshot: str, name: str, buffer: Any) -> int:
-        """Read an object into a writable buffer; return how many bytes came."""
-        path = self.path(snapshot, name)
-        view = memoryview(buffer).cast("B")
-        with self._translate("read", path), self.fs.open(path, "rb") as file:
-            done = 0
-            while done < len(view):
-                count = file.readinto(view[done:])
-                if not count:
-                    break
-                done += count
-            return done
-
-    @contextlib.contextmanager
-    def reading(self, snapshot: str, name: str) -> Iterator[Fill]:
-        """Open an object to read front to back; yield what fills buffers from it."""
+    def read_through(self, snapshot: str, name: str, receive: Callable[[Fill], T]) -> T:
+        """
+        Read an object front to back: ``receive`` is given what fills buffers
+        from it, and its result returned. After a transient failure it is
+        called again from the object's start, so it must start over too.
+        """
         path = self.path(snapshot, name)
         with self._translate("read", path):
             if not self._local:
                 with self.fs.open(path, "rb") as file:
-                    yield lambda views: _readinto_each(file, views)
-                return
+                    return receive(lambda views: _readinto_each(file, views))
             descriptor = os.open(path, os.O_RDONLY)
             try:
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                yield lambda views: _readv_fully(descriptor, views)
+                return receive(lambda views: _readv_fully(descriptor, views))
             finally:
                 os.close(descriptor)
 

@@ -12,6 +12,7 @@ torch nor fsspec.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -156,22 +157,29 @@ def _read(
     algorithm: str,
     regions: list[memoryview],
 ) -> None:
-    if info.size >= _HASH_BESIDE_FROM and has_idle_core():
-        with Hashing(algorithm, beside=True) as hashing:
-            with storage.reading(snapshot, DATA_OBJECT) as fill:
-                _read_handing_over(fill, regions, hashing, info)
-            found = hashing.hexdigest()
-    else:
-        hasher = Hasher(algorithm)
-        with storage.reading(snapshot, DATA_OBJECT) as fill:
-            _read_hashing(fill, regions, hasher, info)
-        found = hasher.hexdigest()
+    found = storage.read_through(
+        snapshot, DATA_OBJECT, functools.partial(_hash_read, regions, algorithm, info)
+    )
     if found != info.checksum:
         msg = (
             f"object {DATA_OBJECT} has checksum {found}, the manifest says "
             f"{info.checksum} (damaged bytes)"
         )
         raise SnapshotCorruptError(msg)
+
+
+def _hash_read(
+    regions: list[memoryview], algorithm: str, info: ObjectInfo, fill: Fill
+) -> str:
+    """Read all regions from their start, hashing them; return the checksum."""
+    if info.size >= _HASH_BESIDE_FROM and has_idle_core():
+        with Hashing(algorithm, beside=True) as hashing:
+            _read_handing_over(fill, regions, hashing, info)
+            return hashing.hexdigest()
+    hasher = Hasher(algorithm)
+    _read_hashing(fill, regions, hasher, info)
+
+    return hasher.hexdigest()
 
 
 def _read_hashing(

@@ -216,6 +216,39 @@ def test_a_commit_stalled_past_the_read_timeout_is_sent_again(
     assert (True, 6) == (len(retried) >= 1, proxy.faults)
 
 
+def _data_get(request: Request) -> bool:
+    return request.method == "GET" and request.target.split("?")[0].endswith(
+        "/data.bin"
+    )
+
+
+def test_a_failed_read_of_the_data_is_retried_and_the_restore_ends_identical(
+    s3_server: S3Server,
+    proxy: FaultProxy,
+    tiny_step: resumable.Step[TinyState],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """
+    500 answers to the data object's reads at resume are retried from its start,
+    so the newest snapshot is restored, not passed over for an older one.
+    """
+    clean = _run(tiny_step, _bucket_url(), steps=5)
+    url = _bucket_url()
+    _run(tiny_step, url, steps=3)
+    proxy.answer(500, 2, match=_data_get)
+
+    with caplog.at_level(logging.INFO):
+        resumed = _run(
+            tiny_step, url, steps=5, storage_options=_through(s3_server, proxy)
+        )
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert 2 == proxy.faults
+    assert 2 == sum("action=read" in line for line in _retries(caplog))
+    assert any(line.startswith("resumed: step=3,") for line in messages)
+    assert [] == diff_states(clean.state, resumed.state)
+
+
 def test_a_server_that_keeps_failing_gives_a_clear_error_and_a_restart_resumes(
     s3_server: S3Server,
     proxy: FaultProxy,

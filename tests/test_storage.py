@@ -97,21 +97,6 @@ def test_sizes_lists_each_object(storage_url: str) -> None:
     assert expected == (storage.sizes(NAME), storage.sizes(OTHER))
 
 
-def test_read_into_fills_buffer(storage_url: str) -> None:
-    """read_into fills a buffer and returns the count, which is short past the end."""
-    storage = Storage.open(storage_url)
-    _attempt(storage)
-    exact, larger = bytearray(5), bytearray(8)
-
-    counts = (
-        storage.read_into(NAME, "data.bin", exact),
-        storage.read_into(NAME, "data.bin", larger),
-    )
-
-    expected = ((5, 5), b"abcde", b"abcde\0\0\0")
-    assert expected == (counts, bytes(exact), bytes(larger))
-
-
 def test_unrecognised_lists_foreign_entries(storage_url: str) -> None:
     """Entries that are neither snapshots nor attempts are listed only as foreign."""
     storage = Storage.open(storage_url)
@@ -272,17 +257,20 @@ def test_a_claim_on_a_full_disk_is_created_empty(
     assert (tmp_path / "store" / "incarnation-000000001.json").exists()
 
 
-def test_reading_fills_buffers_in_turn(storage_url: str) -> None:
-    """reading() fills buffers front to back; the count is short past the end."""
+def test_read_through_fills_buffers_in_turn(storage_url: str) -> None:
+    """read_through fills buffers front to back; the count is short past the end."""
     storage = Storage.open(storage_url)
     storage.write_object(NAME, "data.bin", [b"abcdefghij"])
     first, second, third = bytearray(3), bytearray(4), bytearray(5)
 
-    with storage.reading(NAME, "data.bin") as fill:
-        counts = (
+    counts = storage.read_through(
+        NAME,
+        "data.bin",
+        lambda fill: (
             fill([memoryview(first), memoryview(second)]),
             fill([memoryview(third)]),
-        )
+        ),
+    )
 
     expected = ((7, 3), b"abc", b"defg", b"hij\0\0")
     assert expected == (counts, first, second, third)
@@ -301,8 +289,9 @@ def test_local_read_survives_partial_system_calls(
 
     monkeypatch.setattr(os, "readv", short_readv)
     backs = [bytearray(size // 2), bytearray(5), bytearray(size - size // 2 - 5)]
-    with storage.reading(NAME, "data.bin") as fill:
-        count = fill([memoryview(back) for back in backs])
+    count = storage.read_through(
+        NAME, "data.bin", lambda fill: fill([memoryview(back) for back in backs])
+    )
 
     expected = (size, b"abcdefghijklmn" * 700)
     assert expected == (count, b"".join(backs))
