@@ -15,6 +15,7 @@ overwrites it. Knows neither the storage nor the writer's thread.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,9 @@ _ZEROS = bytes(ALIGNMENT)
 # threads (from 32768 elements); smaller ones by memcpy, a fraction of a
 # microsecond a call, against a few for torch's.
 _THREADED_BYTES = 256 * 1024
+# A new arena is touched this much at a time, so that a reservation can be dropped
+# between two parts.
+_TOUCH_BYTES = 64 * 2**20
 
 
 @attrs.frozen
@@ -76,8 +80,18 @@ class Stager:
     def capacity(self) -> int:
         return 0 if self.arena is None else self.arena.numel()
 
-    def reserve(self, size: int, *, pinned: bool = False) -> None:
-        """Make the arena hold at least ``size`` bytes, pinned where asked."""
+    def reserve(
+        self,
+        size: int,
+        *,
+        pinned: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """
+        Make the arena hold at least ``size`` bytes, pinned where asked.
+
+        Once ``cancel`` is set, a new arena is dropped before it is complete.
+        """
         if size <= self.capacity and (self._pinned or not pinned):
             return
         # The old arena goes first: at most one is held at any time.
@@ -86,7 +100,11 @@ class Stager:
         capacity += -capacity % ALIGNMENT
         arena = torch.empty(capacity, dtype=torch.uint8, pin_memory=pinned)
         # Touched here, once: the copies into it then run at memory speed.
-        arena.zero_()
+        for start in range(0, capacity, _TOUCH_BYTES):
+            if cancel is not None and cancel.is_set():
+                logger.debug("staging arena dropped: bytes=%d", capacity)
+                return
+            arena[start : start + _TOUCH_BYTES].zero_()
         self.arena, self._pinned = arena, pinned
         self._bytes = arena.numpy().data
         self._zeroed = None

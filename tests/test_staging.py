@@ -7,6 +7,7 @@ is reused, grown when the state grows.
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import attrs
@@ -142,6 +143,20 @@ def test_padding_is_zero_after_the_layout_changes() -> None:
     payload = stager.stage(*encode_snapshot(shifted, [], staged=True)).wait()
 
     assert _joined(Payload.of(*encode_snapshot(shifted, []))) == _joined(payload)
+
+
+def test_reservation_cancelled_holds_no_arena() -> None:
+    """A stop drops an arena still being prepared; the next snapshot makes one."""
+    stager = Stager()
+    cancel = threading.Event()
+    cancel.set()
+
+    stager.reserve(2**20, cancel=cancel)
+    dropped = stager.arena
+    payload = stager.stage(*encode_snapshot(_mixed(), [], staged=True)).wait()
+
+    assert dropped is None
+    assert _joined(Payload.of(*encode_snapshot(_mixed(), []))) == _joined(payload)
 
 
 @attrs.define
