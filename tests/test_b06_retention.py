@@ -86,7 +86,8 @@ def _run_observing(url: str, steps: int = 12, touch: Path | None = None) -> list
         if touch is not None:
             _touch_older(touch)
 
-    resumable.run(count, storage=url, steps=steps, progress=progress)
+    # Written at once: a background write may still be in flight between steps.
+    resumable.run(count, storage=url, steps=steps, progress=progress, background=False)
     seen.append(_kept(url))
 
     return seen[1:]
