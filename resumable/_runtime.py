@@ -413,13 +413,14 @@ class Runtime(Generic[StateT]):
             replay = None
             history.append(metrics)
             done += 1
-            if self.progress is not None:
-                self.progress(done, settings.steps, history[-1])
             due = done % settings.every == 0 or done == settings.steps
             if due or self.saver.writer.failed:
                 # Back-pressure, and a background write's failure raised as soon
-                # as it is known; a stop asked for meanwhile is seen below.
+                # as it is known; a stop asked for meanwhile is seen below. Before
+                # progress: what it reports is committed, as without the writer.
                 self.saver.flush()
+            if self.progress is not None:
+                self.progress(done, settings.steps, history[-1])
             if self.preemption.requested:
                 self._stop_between_steps(state, done, history)
                 return done

@@ -154,11 +154,7 @@ def test_uncommitted_attempt_is_never_picked_and_removed_after_next_commit(
     def progress(count: int, total: int, metrics: object) -> None:
         present.append(attempt in storage.uncommitted())
 
-    # Written at once, so that the storage seen between steps is that after the
-    # step's commit, not a background write still in flight.
-    result = resumable.run(
-        tiny_step, storage=storage_url, steps=5, progress=progress, background=False
-    )
+    result = resumable.run(tiny_step, storage=storage_url, steps=5, progress=progress)
 
     expected: object = ([0, 1, 2, 3, 4], [True, False, False], [], {})
     assert expected == (

@@ -86,8 +86,7 @@ def _run_observing(url: str, steps: int = 12, touch: Path | None = None) -> list
         if touch is not None:
             _touch_older(touch)
 
-    # Written at once: a background write may still be in flight between steps.
-    resumable.run(count, storage=url, steps=steps, progress=progress, background=False)
+    resumable.run(count, storage=url, steps=steps, progress=progress)
     seen.append(_kept(url))
 
     return seen[1:]
