@@ -26,11 +26,10 @@ from resumable._snapshot import (
     START_PREFIX,
     Manifest,
     ObjectInfo,
-    buffer_table,
+    Payload,
     check_compatible,
     checksum,
     current_versions,
-    data_chunks,
     new_snapshot_name,
     parse_snapshot_name,
 )
@@ -238,27 +237,27 @@ class Archive:
         step: int,
         lineage: tuple[str, int, int],
         schema: dict[str, Any],
-        content: tuple[dict[str, Any], list[Any]],
+        content: tuple[dict[str, Any], list[Any]] | Payload,
         inside_step: dict[str, int] | None = None,
         arguments: list[str] | None = None,
     ) -> Manifest:
         """
-        Write and commit a snapshot of ``content``, the tree and its buffers.
+        Write and commit a snapshot of ``content``: the tree and its buffers, or
+        their bytes already laid out (a staged copy).
 
         ``lineage`` is the run's lineage id, the generation of this commit and
         that of the lineage's first commit.
         """
         started = time.perf_counter()
-        tree, buffers = content
+        payload = content if isinstance(content, Payload) else Payload.of(*content)
         name = new_snapshot_name(step)
         attempt = {
             "program": self.program,
             "lineage": lineage[0],
             "generation": lineage[1],
         }
-        index = json.dumps({"tree": tree, "buffers": buffer_table(buffers)}).encode()
         try:
-            objects = self._write_objects(name, attempt, index, buffers)
+            objects = self._write_objects(name, attempt, payload)
         except Exception as err:
             if isinstance(err, StorageError):
                 # A newer incarnation may have cleaned this attempt away: then
@@ -266,7 +265,7 @@ class Archive:
                 self._check_lease("write", name)
             # Nothing committed it: what was written goes, not to hold space
             # that the next attempt needs.
-            needed = len(index) + sum(memoryview(part).nbytes for part in buffers)
+            needed = payload.size
             explained = abandon_attempt(self.storage, name, err, needed)
             if explained is None:
                 raise
@@ -297,14 +296,13 @@ class Archive:
         self,
         name: str,
         attempt: dict[str, Any],
-        index: bytes,
-        buffers: list[Any],
+        payload: Payload,
     ) -> dict[str, ObjectInfo]:
         # Invariant: the attempt record comes first, so cleanup can prove ownership.
         self.storage.write_object(name, ATTEMPT_OBJECT, [json.dumps(attempt).encode()])
         return {
-            DATA_OBJECT: self._write(name, DATA_OBJECT, data_chunks(buffers)),
-            INDEX_OBJECT: self._write(name, INDEX_OBJECT, [index]),
+            DATA_OBJECT: self._write(name, DATA_OBJECT, payload.data),
+            INDEX_OBJECT: self._write(name, INDEX_OBJECT, [payload.index]),
         }
 
     def remove_abandoned(self, lineage: str, generation: int) -> None:

@@ -75,11 +75,17 @@ def tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
 class Encoder:
     """Turns values into JSON nodes, collecting their raw bytes in ``buffers``."""
 
-    def __init__(self, *, dry_run: bool = False, grads: bool = False) -> None:
+    def __init__(
+        self, *, dry_run: bool = False, grads: bool = False, staged: bool = False
+    ) -> None:
         self.buffers: list[Any] = []
         self._dry_run = dry_run
         # Inside a step, gradients may be mid-accumulation: keep them too.
         self._grads = grads
+        # For a stager (``_staging``): tensors are handed as they are, detached,
+        # for the stager to copy once, straight into its arena, whatever their
+        # device, layout in memory or dtype.
+        self._staged = staged
 
     def encode(self, value: Any, path: str) -> Node:
         if _is_plain(value):
@@ -115,13 +121,16 @@ class Encoder:
     def _tensor(self, tensor: torch.Tensor, path: str) -> Node:
         size = tensor.numel() * tensor.element_size()
         return {
-            "b": self.add_buffer(lambda: tensor_bytes(tensor), size),
+            "b": self.add_buffer(lambda: self._tensor_buffer(tensor), size),
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "shape": list(tensor.shape),
             "device": tensor.device.type,
             "grad": tensor.requires_grad,
             "parameter": isinstance(tensor, torch.nn.Parameter),
         }
+
+    def _tensor_buffer(self, tensor: torch.Tensor) -> Any:
+        return tensor.detach() if self._staged else tensor_bytes(tensor)
 
     def _array(self, array: np.ndarray, path: str) -> Node:
         return {

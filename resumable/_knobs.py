@@ -108,6 +108,9 @@ def env_float(name: str, minimum: float) -> float | None:
 # parts are in flight at once (memory held is about their product).
 UPLOAD_PART_MIB = ENV_PREFIX + "UPLOAD_PART_MIB"
 UPLOAD_CONCURRENCY = ENV_PREFIX + "UPLOAD_CONCURRENCY"
+# 0 writes every snapshot in the training loop's time; 1 (the default) writes those
+# of the cadence in the background.
+BACKGROUND = ENV_PREFIX + "BACKGROUND"
 
 
 def env_json_object(name: str) -> dict[str, Any] | None:

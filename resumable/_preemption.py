@@ -74,6 +74,11 @@ class Preemption:
         return self._catcher.deferred()
 
     @property
+    def signals(self) -> list[signal.Signals]:
+        """The signals that request a stop."""
+        return list(self._catcher.signals)
+
+    @property
     def requested(self) -> bool:
         return self.stop.requested
 

@@ -28,6 +28,7 @@ from resumable._iterate import (
 from resumable._lease import Lease
 from resumable._preemption import Preemption
 from resumable._rng import capture_global_rngs, find_generators, restore_global_rngs
+from resumable._saving import Saver, describe_inside
 from resumable._settings import Settings
 from resumable._signals import StopRequest
 from resumable._snapshot import Manifest, new_lineage, parse_snapshot_name
@@ -38,7 +39,6 @@ from resumable._state import (
     check_state,
     decode_resume,
     decode_snapshot,
-    encode_snapshot,
     place_snapshot,
     schema,
 )
@@ -89,6 +89,7 @@ def run(
     max_attempts: int | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    background: bool | None = None,
 ) -> Result[StateT]:
     """
     Run ``step`` to the end, resuming from the newest verified snapshot.
@@ -108,6 +109,9 @@ def run(
         storage_options: Passed to fsspec with the URL, over the decorator's and
             RESUMABLE_STORAGE_OPTIONS, key by key.
         progress: Called after each step with (done, total, metrics).
+        background: Write the snapshots of the cadence in the background (the
+            default; RESUMABLE_BACKGROUND=0 turns it off), the loop paying for a
+            copy of the state; the last one and those at a stop are written at once.
 
     Returns:
         The final state, the number of steps done, the metric history, and
@@ -131,6 +135,7 @@ def run(
         preempted_exit_code=preempted_exit_code,
         max_attempts=max_attempts,
         storage_options=storage_options,
+        background=background,
     )
     return run_with(step, settings, progress=progress)
 
@@ -234,8 +239,8 @@ class Runtime(Generic[StateT]):
         self.lineage = new_lineage()
         self.generation = 0
         self.lineage_start = 1
-        # Steps done at the newest snapshot committed or loaded by this process.
-        self.saved_at: int | None = None
+        # Writes the snapshots, in the background or at once.
+        self.saver = Saver(self.archive, settings, self.preemption)
         # Whether the step's body has run resumable.iterate loops (None before
         # the first step): then the RNG states at each step's start are kept.
         self.loops_seen: bool | None = None
@@ -252,14 +257,22 @@ class Runtime(Generic[StateT]):
             claim the next incarnation of the run (it fences older ones)
             prove that the state can be captured
             for step in done .. steps - 1:
-                if a stop was requested: snapshot if the grace allows, exit
+                if a stop was requested: wait for the background write,
+                    snapshot if the grace allows, exit
                 metrics = body(state, step), replayed up to where a snapshot
                     inside it was taken; at each resumable.iterate item, a stop
-                    request snapshots inside the step and exits
+                    request waits for the background write, snapshots inside
+                    the step and exits
                 history.append(metrics)
-                if (step + 1) % every == 0 or step + 1 == steps:
-                    write the snapshot; unless a newer incarnation claimed the
-                    run since, commit its manifest and prune to keep
+                if a snapshot is due, or a background write failed: wait for
+                    the background write (back-pressure), raise its failure
+                if a stop was requested: snapshot if the grace allows, exit
+                if step + 1 == steps: write the snapshot now
+                elif (step + 1) % every == 0: copy the state into the staging
+                    arena, write it in the background
+                each write: unless a newer incarnation claimed the run since,
+                    commit its manifest, then prune to keep
+            wait for the background write; raise its failure
             return state, steps done, history, whether preempted
         """
         settings = self.settings
@@ -273,7 +286,7 @@ class Runtime(Generic[StateT]):
             settings.keep,
         )
         self.step.expose_script()
-        with self.preemption, _workers_shut_down():
+        with self.preemption, _workers_shut_down(), self.saver.running():
             state = self.step.init()
             check_state(state, f"init() of {self.step.program}")
             done, history, replay = self._resume(state)
@@ -283,6 +296,9 @@ class Runtime(Generic[StateT]):
                     "run already finished: step=%d, steps=%d", done, settings.steps
                 )
             else:
+                if (done // settings.every + 1) * settings.every < settings.steps:
+                    # A snapshot of the cadence comes before the last one.
+                    self.saver.prepare(self.preemption.state_bytes)
                 done = self._run_steps(state, done, history, replay)
         result = Result(state, done, history, settings.storage, settings.steps)
         result.preempted = self.preemption.preempted
@@ -350,11 +366,11 @@ class Runtime(Generic[StateT]):
         logger.info(
             "resumed: step=%d%s, snapshot=%s, storage=%s",
             manifest.step,
-            _inside(manifest.inside_step),
+            describe_inside(manifest.inside_step),
             manifest.name,
             self.settings.storage,
         )
-        self.saved_at = manifest.step
+        self.saver.saved_at = manifest.step
         point = decode_resume(loaded.tree, loaded.buffers)
         if point is None:
             return manifest.step, history, None
@@ -450,14 +466,22 @@ class Runtime(Generic[StateT]):
             history.append(metrics)
             done += 1
             self.lease.check_now_and_then("train on")
+            due = done % settings.every == 0 or done == settings.steps
+            if due or self.saver.writer.failed:
+                # Back-pressure, and a background write's failure raised as soon
+                # as it is known; a stop asked for meanwhile is seen below. Before
+                # progress: what it reports is committed, as without the writer.
+                self.saver.flush()
             if self.progress is not None:
                 self.progress(done, settings.steps, history[-1])
             if self.preemption.requested:
                 self._stop_between_steps(state, done, history)
                 return done
-            if done % settings.every == 0 or done == settings.steps:
+            if due:
                 self._snapshot(state, done, history)
             if self.stop_after is not None and done >= self.stop_after:
+                # A kill as resumable.testing simulates it: after the snapshot of
+                # this step is committed (run() waits for a background write).
                 return done
         logger.info("run finished: step=%d, storage=%s", done, settings.storage)
 
@@ -502,13 +526,16 @@ class Runtime(Generic[StateT]):
         self, state: StateT, done: int, history: list[Metrics | None]
     ) -> None:
         self.preemption.preempted = True
-        if self.saved_at == done:
+        # The write in flight counts against the grace period: the watchdog
+        # bounds the wait, and the final snapshot's budget is what is left.
+        self.saver.flush(stopping=True)
+        if self.saver.saved_at == done:
             outcome = "snapshot already committed"
         elif done == 0:
             outcome = "nothing to save before the first step"
         else:
             outcome = self._final_snapshot(state, done, history, None)
-        if self.saved_at == done == self.settings.steps:
+        if self.saver.saved_at == done == self.settings.steps:
             # The stop came during the last step, and its snapshot is committed.
             self.preemption.preempted = False
             logger.info(
@@ -531,6 +558,7 @@ class Runtime(Generic[StateT]):
         history: list[Metrics | None],
     ) -> None:
         self.preemption.preempted = True
+        self.saver.flush(stopping=True)
         resume = {
             "loop": position.loop,
             "item": position.item,
@@ -561,7 +589,7 @@ class Runtime(Generic[StateT]):
                 "final snapshot skipped: %s; the newest committed one stays", reason
             )
             return f"snapshot skipped ({reason})"
-        self._snapshot(state, done, history, resume)
+        self._snapshot(state, done, history, resume, now=True)
         return f"snapshot committed ({reason})"
 
     def _snapshot(
@@ -570,35 +598,18 @@ class Runtime(Generic[StateT]):
         done: int,
         history: list[Metrics | None],
         resume: dict[str, Any] | None = None,
+        *,
+        now: bool = False,
     ) -> None:
-        started = time.perf_counter()
         self.generation += 1
-        inside = None if resume is None else {k: resume[k] for k in ("loop", "item")}
-        content = encode_snapshot(state, history, resume=resume)
-        with self.preemption.deferred():
-            manifest = self.archive.write(
-                done,
-                (self.lineage, self.generation, self.lineage_start),
-                schema(state),
-                content,
-                inside,
-                None
-                if self.settings.arguments is None
-                else list(self.settings.arguments),
-            )
-        seconds = time.perf_counter() - started
-        self.preemption.record_write(seconds)
-        self.saved_at = done if resume is None else None
-        logger.info(
-            "snapshot committed: step=%d%s, size=%d, seconds=%.3f, name=%s",
-            done,
-            _inside(inside),
-            manifest.size,
-            seconds,
-            manifest.name,
-        )
-        self.archive.remove_abandoned(self.lineage, self.generation)
-        self.archive.prune(self.settings.keep)
+        lineage = (self.lineage, self.generation, self.lineage_start)
+        # The last snapshot, and one at a stop, must be durable before the run
+        # ends: they are written now.
+        now = now or done == self.settings.steps
+        if self.settings.background and not now:
+            self.saver.save_in_background(state, done, history, lineage)
+        else:
+            self.saver.save(state, done, history, lineage, resume)
 
 
 @contextlib.contextmanager
@@ -607,12 +618,6 @@ def _workers_shut_down() -> Iterator[None]:
         yield
     finally:
         shut_down_workers()
-
-
-def _inside(position: dict[str, int] | None) -> str:
-    if position is None:
-        return ""
-    return f" (inside: loop={position['loop']}, item={position['item']})"
 
 
 def _check_metrics(metrics: object, index: int) -> Metrics | None:

@@ -40,6 +40,8 @@ class Settings:
     # The script's own arguments, where the CLI runs it; None from Python.
     arguments: tuple[str, ...] | None = None
     storage_options: dict[str, Any] = attrs.field(factory=dict)
+    # Whether snapshots of the cadence are written in the background.
+    background: bool = True
 
     @classmethod
     def resolve(
@@ -79,6 +81,7 @@ class Settings:
             max_attempts=_first(
                 given.get("max_attempts"), _knobs.MAX_ATTEMPTS, 1, DEFAULT_MAX_ATTEMPTS
             ),
+            background=_background(given.get("background")),
         )
         check_count("steps", settings.steps, 0)
         check_count("every", settings.every, 1)
@@ -109,6 +112,12 @@ def _storage_options(
     """Merge the options key by key: argument over variable over decorator."""
     from_environment = _knobs.env_json_object(_knobs.STORAGE_OPTIONS) or {}
     return {**declared, **from_environment, **check_storage_options(given or {})}
+
+
+def _background(given: bool | None) -> bool:
+    if given is not None:
+        return bool(given)
+    return bool(_knobs.env_int(_knobs.BACKGROUND, 0, maximum=1) != 0)
 
 
 def _grace(given: float | None, declared: float) -> float:

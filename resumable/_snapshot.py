@@ -48,6 +48,9 @@ CHECKSUMS: dict[str, Callable[[], Any]] = {
 }
 # Byte alignment of each buffer in the data object, so that views of it are aligned.
 ALIGNMENT = 64
+# Largest piece of a staged data object handed to the storage at once: hashing one
+# holds the GIL (xxhash does not release it) for about a millisecond at most.
+PIECE_BYTES = 8 * 2**20
 
 _NAME = re.compile(r"step-([0-9]{9,})-([0-9a-f]{12})")
 _INCARNATION = re.compile(r"incarnation-([0-9]{9,})\.json")
@@ -306,13 +309,55 @@ def current_versions() -> dict[str, str]:
 
 def buffer_table(buffers: Sequence[Any]) -> list[list[int]]:
     """Return ``[offset, size]`` of each buffer in the data object, aligned."""
+    return layout([memoryview(buffer).nbytes for buffer in buffers])
+
+
+def layout(sizes: Sequence[int]) -> list[list[int]]:
+    """Return ``[offset, size]`` of buffers of ``sizes`` bytes, each aligned."""
     table, offset = [], 0
-    for buffer in buffers:
-        size = memoryview(buffer).nbytes
+    for size in sizes:
         table.append([offset, size])
         offset += size + (-size % ALIGNMENT)
 
     return table
+
+
+def data_size(table: Sequence[Sequence[int]]) -> int:
+    """Return the size of the data object that ``table`` lays out."""
+    if not table:
+        return 0
+    offset, size = table[-1]
+    return offset + size + (-size % ALIGNMENT)
+
+
+def encode_index(tree: dict[str, Any], table: Sequence[Sequence[int]]) -> bytes:
+    """Return the index object: the state's tree and where each buffer lies."""
+    return json.dumps({"tree": tree, "buffers": table}).encode()
+
+
+@attrs.frozen
+class Payload:
+    """A snapshot's objects as bytes: the index, and the data object in pieces."""
+
+    index: bytes
+    data: list[Any]
+
+    @classmethod
+    def of(cls, tree: dict[str, Any], buffers: Sequence[Any]) -> Payload:
+        """Lay out ``buffers``, views of their memory with padding, no copy."""
+        index = encode_index(tree, buffer_table(buffers))
+        return cls(index, list(data_chunks(buffers)))
+
+    @property
+    def size(self) -> int:
+        return len(self.index) + sum(memoryview(part).nbytes for part in self.data)
+
+
+def pieces(data: Any) -> list[memoryview]:
+    """Cut a contiguous data object into views of at most PIECE_BYTES each."""
+    view = memoryview(data).cast("B")
+    starts = range(0, view.nbytes, PIECE_BYTES)
+    return [view[start : start + PIECE_BYTES] for start in starts]
 
 
 def data_chunks(buffers: Sequence[Any]) -> Iterator[Any]:

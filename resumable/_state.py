@@ -73,18 +73,21 @@ def encode_snapshot(
     *,
     resume: dict[str, Any] | None = None,
     dry_run: bool = False,
+    staged: bool = False,
 ) -> tuple[dict[str, Any], list[Any]]:
     """
     Return the JSON tree and raw buffers of a snapshot of ``state``.
 
     ``resume`` is where inside a step the snapshot is taken, with the RNG states
     a replay of that step needs. With ``dry_run`` the buffers are not
-    materialised; the call only proves that every field can be captured.
+    materialised; the call only proves that every field can be captured. With
+    ``staged``, tensors come as tensors, for ``_staging`` to copy (those buffers
+    are then no bytes-like objects).
 
     Raises:
         StateDefinitionError: A field holds something that cannot be captured.
     """
-    encoder = Encoder(dry_run=dry_run, grads=resume is not None)
+    encoder = Encoder(dry_run=dry_run, grads=resume is not None, staged=staged)
     fields = {
         field.name: encoder.encode(getattr(state, field.name), f"state.{field.name}")
         for field in snapshot_fields(type(state))

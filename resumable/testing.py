@@ -80,7 +80,11 @@ def run_killed(
     Run ``step`` and stop after step ``kill_after`` as if the process died there.
 
     What was committed by then stays on the storage; the rest is lost, as in a
-    SIGKILL. With ``kill_after`` None the run goes to the end.
+    SIGKILL. The kill lands once the snapshot of step ``kill_after``, where the
+    cadence takes one, is committed: a snapshot written in the background is
+    waited for, so that the outcome does not depend on timing (kills in the
+    middle of a write are for tests with real processes). With ``kill_after``
+    None the run goes to the end.
     """
     runtime = _runtime(step, steps=steps, storage=storage, every=every, **options)
     runtime.stop_after = kill_after

@@ -106,9 +106,10 @@ def train(state: State, step: int) -> dict[str, float]:
     return {"loss": loss.item()}
 
 
-def _fire(phase: str) -> None:
+def _fire(phase: str, step: int | None = None) -> None:
     """Send this process SIGTERM if the trial asks for it here and now."""
-    if TRIGGER and (TRIGGER["phase"], TRIGGER["step"]) == (phase, PHASE["step"]):
+    step = PHASE["step"] if step is None else step
+    if TRIGGER and (TRIGGER["phase"], TRIGGER["step"]) == (phase, step):
         TRIGGER.clear()
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -123,14 +124,14 @@ def _in_backward(grad: torch.Tensor) -> None:
     _fire("backward")
 
 
-def _throttled(chunks: Any) -> Iterator[Any]:
+def _throttled(chunks: Any, step: int | None) -> Iterator[Any]:
     for number, chunk in enumerate(chunks):
         view = memoryview(chunk).cast("B")
         for start in range(0, view.nbytes, CHUNK_BYTES):
             yield view[start : start + CHUNK_BYTES]
             time.sleep(CHUNK_SLEEP)
             if number == 0 and start == 0:
-                _fire("save")
+                _fire("save", step)
 
 
 @pytest.fixture
@@ -141,9 +142,13 @@ def throttled_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     def slow(self: Storage, snapshot: str, name: str, chunks: Any) -> int:
         if name != DATA_OBJECT:
             return write_object(self, snapshot, name, chunks)
+        step = parse_snapshot_name(snapshot)
+        if threading.current_thread() is not threading.main_thread():
+            # A background write: PHASE is the step's, going on meanwhile.
+            return write_object(self, snapshot, name, _throttled(chunks, step))
         before = dict(PHASE)
-        PHASE.update(phase="save", step=parse_snapshot_name(snapshot))
-        size = write_object(self, snapshot, name, _throttled(chunks))
+        PHASE.update(phase="save", step=step)
+        size = write_object(self, snapshot, name, _throttled(chunks, step))
         PHASE.update(before)
         return size
 
@@ -211,7 +216,7 @@ class Trial:
     sent: int
 
 
-def _run_trial(url: str, at: float | None = None) -> Trial:
+def _run_trial(url: str, at: float | None = None, *, background: bool = True) -> Trial:
     """Run to the end or the stop, with SIGTERM ``at`` seconds in (Timer) if given."""
     caught: list[str] = []
     sent: list[float] = []
@@ -231,7 +236,7 @@ def _run_trial(url: str, at: float | None = None) -> Trial:
     try:
         if timer is not None:
             timer.start()
-        result = resumable.run(train, storage=url)
+        result = resumable.run(train, storage=url, background=background)
         seconds = time.monotonic() - started
         PHASE.update(phase="after the run", step=-1)
     finally:
@@ -255,15 +260,16 @@ def _resume_to_end(url: str, reference: list[dict[str, Any]]) -> None:
 
 @pytest.mark.usefixtures("throttled_storage")
 @pytest.mark.parametrize(
-    ("phase", "step", "stops_at"),
+    ("phase", "step", "stops_at", "background"),
     [
-        ("forward", 5, 6),
-        ("backward", 5, 6),
-        ("backward", 0, 1),
-        ("optimizer", 5, 6),
-        ("optimizer", 7, 8),
-        ("save", 4, 4),
-        ("save", 8, 8),
+        ("forward", 5, 6, True),
+        ("backward", 5, 6, True),
+        ("backward", 0, 1, True),
+        ("optimizer", 5, 6, True),
+        ("optimizer", 7, 8, True),
+        # Periodic saves in the loop's time: the phase "save" is one of the loop.
+        ("save", 4, 4, False),
+        ("save", 8, 8, False),
     ],
 )
 def test_b11_signal_inside_a_phase_snapshots_at_the_next_step_boundary(
@@ -272,11 +278,12 @@ def test_b11_signal_inside_a_phase_snapshots_at_the_next_step_boundary(
     phase: str,
     step: int,
     stops_at: int,
+    background: bool,
 ) -> None:
     """A signal inside any phase only sets a flag; the snapshot follows the step."""
     url = f"file://{tmp_path}/store"
     TRIGGER.update(phase=phase, step=step)
-    trial = _run_trial(url)
+    trial = _run_trial(url, background=background)
 
     assert [phase] == trial.caught
     assert (stops_at, True) == (trial.result.step, trial.result.preempted)
@@ -284,6 +291,27 @@ def test_b11_signal_inside_a_phase_snapshots_at_the_next_step_boundary(
     _resume_to_end(url, reference)
     after = set(_expected_commits(stops_at)) | set(_expected_commits(STEPS))
     assert sorted(after) == _check_snapshots(url, reference)
+
+
+@pytest.mark.usefixtures("throttled_storage")
+@pytest.mark.parametrize("step", [4, 8])
+def test_b11_signal_during_a_background_save_stops_at_a_later_boundary(
+    tmp_path: Path, reference: list[dict[str, Any]], step: int
+) -> None:
+    """
+    A signal while a periodic snapshot is written in the background lets it
+    commit, then stops at the loop's next step boundary with a snapshot there
+    (a run that reached its last step by then finishes).
+    """
+    url = f"file://{tmp_path}/store"
+    TRIGGER.update(phase="save", step=step)
+    trial = _run_trial(url)
+    stopped = trial.result.step
+
+    assert (1, stopped < STEPS) == (len(trial.caught), trial.result.preempted)
+    assert step < stopped <= STEPS
+    assert _expected_commits(stopped) == _check_snapshots(url, reference)
+    _resume_to_end(url, reference)
 
 
 @pytest.mark.usefixtures("throttled_storage")
@@ -374,6 +402,14 @@ class SubRun:
             return self.progress.read_text().splitlines()
         except FileNotFoundError:
             return []
+
+    def wait_for_commit(self, step: int, process: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + PATIENCE
+        storage = Storage.open(str(self.storage), create=False)
+        while step not in {parse_snapshot_name(name) for name in storage.committed()}:
+            assert process.poll() is None, f"exited before {step}: {self.log()}"
+            assert time.monotonic() < deadline, f"no snapshot {step} in {PATIENCE} s"
+            time.sleep(0.002)
 
     def wait_for(self, line: str, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + PATIENCE
@@ -482,7 +518,14 @@ def test_b11_sigterm_during_a_periodic_save_of_a_process(
     tmp_path: Path, script: ModuleType, trace: list[dict[str, Any]]
 ) -> None:
     """A SIGTERM during a slow periodic save: it completes, no other save follows."""
-    run = SubRun(tmp_path, B11_SLOW_SAVES=8, B11_SAVE_SECONDS=SLOW_SAVE_SECONDS)
+    # A periodic save in the loop's time; test_crash_resume.py has the background
+    # one of a process.
+    run = SubRun(
+        tmp_path,
+        B11_SLOW_SAVES=8,
+        B11_SAVE_SECONDS=SLOW_SAVE_SECONDS,
+        RESUMABLE_BACKGROUND=0,
+    )
     process = run.start()
     try:
         run.wait_for("save 8", process)
@@ -531,6 +574,8 @@ def test_b11_second_sigterm_exits_and_leaves_commits_untouched(
     process = run.start()
     try:
         run.wait_for(wait_line, process)
+        # Snapshot 4 may still be written in the background as step 5 starts.
+        run.wait_for_commit(4, process)
         before = run.commits()
         process.send_signal(signal.SIGTERM)
         time.sleep(SECOND_SIGNAL_AFTER)

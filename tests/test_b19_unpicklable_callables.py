@@ -241,6 +241,15 @@ def wait_for(path: Path, process: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
+def wait_for_commit(storage: Path, step: int, process: subprocess.Popen[str]) -> None:
+    """Wait until the snapshot of ``step`` is committed, failing if ``process`` ends."""
+    deadline = time.monotonic() + 60
+    while not list(storage.glob(f"step-{step:09d}-*.manifest.json")):
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, f"no snapshot of step {step} in {storage}"
+        time.sleep(0.05)
+
+
 def read_report(folder: Path, step: int) -> dict[str, Any]:
     return dict(json.loads((folder / f"step-{step}.json").read_text()))
 
@@ -256,6 +265,8 @@ def test_b19_sigkilled_cli_run_resumes_callables_and_local_classes(
     )
     try:
         wait_for(reports["split"] / "paused", killed)
+        # Written in the background while step 2 runs: killed once it is committed.
+        wait_for_commit(tmp_path / "split", KILL_AFTER, killed)
     finally:
         killed.send_signal(signal.SIGKILL)
         killed.communicate(timeout=60)

@@ -9,6 +9,7 @@ that does not verify.
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -330,3 +331,96 @@ def test_write_killed_before_final_commit_is_cleaned_up(
     )
 
     assert expected == actual, f"killed write: {attempt}\n{finished.log()}"
+
+
+# Background writes: a periodic snapshot is written while the next step runs.
+# Every write takes about 0.2 s, steps 0.03 s; the rerun runs unpaced.
+BACKGROUND = {**RUN, **PACING, "CRASH_CHUNK_SLEEP": 0.012}
+
+
+def _in_background(
+    run: Any, incarnation: Any, full: int, found: list[int]
+) -> Callable[[], bool]:
+    """
+    A condition: a snapshot's data.bin is partly written while a later step
+    runs; its step goes into ``found``.
+    """
+
+    def event() -> bool:
+        for attempt in incarnation.new_folders():
+            step = parse_snapshot_name(attempt)
+            size = harness.data_size(run, attempt)
+            started = incarnation.steps_started()
+            if step is not None and 0 < size < full and started > step:
+                found.append(step)
+                return True
+        return False
+
+    return event
+
+
+def _rerun_unpaced(run: Any) -> Any:
+    """Run the same command to its end, without the pacing (no part of the state)."""
+    for key in PACING:
+        run.env.pop(key, None)
+    return run.run_to_end()
+
+
+def test_kill_during_a_background_write_leaves_nothing_torn(
+    tmp_path: Path, reference: Reference
+) -> None:
+    """A SIGKILL while a snapshot is written in the background: the rerun is exact."""
+    run = harness.Run(tmp_path, BACKGROUND)
+    with run.start() as incarnation:
+        landed = incarnation.kill_when(
+            _in_background(run, incarnation, reference.data_size, [])
+        )
+    listed = harness.unverified(run)
+    finished = _rerun_unpaced(run)
+    expected: tuple[object, ...] = (True, [], 0, [], [])
+
+    actual = (
+        landed,
+        listed,
+        finished.returncode,
+        harness.unverified(run),
+        Storage.open(run.storage).uncommitted(),
+    )
+
+    assert expected == actual, finished.log()
+    assert reference.digest == run.digest()
+
+
+def test_sigterm_during_a_background_write_commits_it_then_stops(
+    tmp_path: Path, reference: Reference
+) -> None:
+    """
+    A SIGTERM while a snapshot is written in the background: it commits, the
+    step that runs meanwhile ends with a snapshot of its own, the process exits 1,
+    and the rerun resumes there and ends exact.
+    """
+    run = harness.Run(tmp_path, BACKGROUND)
+    found: list[int] = []
+    with run.start() as incarnation:
+        event = _in_background(run, incarnation, reference.data_size, found)
+        deadline = time.monotonic() + harness.PATIENCE
+        while not event() and time.monotonic() < deadline:
+            time.sleep(harness.POLL)
+        incarnation.process.send_signal(signal.SIGTERM)
+        code = incarnation.wait()
+    [in_flight] = found
+    stopped = harness.newest_step(run)
+    finished = _rerun_unpaced(run)
+    expected: tuple[object, ...] = (1, True, True, stopped, 0, [])
+
+    actual = (
+        code,
+        in_flight in incarnation.committed_steps(),
+        stopped is not None and stopped > in_flight,
+        finished.resumed_from(),
+        finished.returncode,
+        harness.unverified(run),
+    )
+
+    assert expected == actual, incarnation.log()
+    assert reference.digest == run.digest()

@@ -2,7 +2,8 @@
 A run of many short steps, a snapshot after each, for the stall-during-preemption test.
 
 Usage: python stall_train.py STORAGE_URL GRACE_SECONDS. It prints "ready" when
-step 3 starts; steps 0 to 2 are committed by then. Exits 1 when preempted.
+step 4 starts; snapshots 1 to 3 are committed by then (snapshot 4 may still be
+written in the background). Exits 1 when preempted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def start() -> Progress:
 
 @resumable.step(init=start, steps=10_000, every=1, keep=3)
 def train(state: Progress, step: int) -> None:
-    if step == 3:
+    if step == 4:
         print("ready", flush=True)
     state.done.append(step)
     time.sleep(0.01)
