@@ -52,6 +52,9 @@ def machine(folder: str) -> list[str]:
         f"disk: {_disk(folder)}, {free / GIB:.0f} GiB free, under {folder}",
         f"python {platform.python_version()}, torch {torch.__version__}, "
         f"resumable {resumable.__version__} from {_source(resumable.__file__)}",
+        "load average at the start: "
+        + ", ".join(f"{load:.1f}" for load in os.getloadavg())
+        + " (1, 5, 15 min; the machine is shared)",
     ]
 
 

@@ -38,7 +38,7 @@ from benchmarks._common import (
     ratio,
     timed,
 )
-from benchmarks._methods import Method, RawBytes, Resumable, TorchSave
+from benchmarks._methods import Method, RawBytes, Resumable, TorchSave, warm_up
 
 KINDS: list[type[Method]] = [RawBytes, TorchSave, Resumable]
 SHORT = {RawBytes: "raw (floor)", TorchSave: "torch.save", Resumable: "resumable"}
@@ -72,6 +72,7 @@ def measure(
 ) -> dict[type[Method], tuple[float, float]]:
     """Return each method's best save and warm restore seconds."""
     chosen = [kind(tensors) for kind in KINDS]
+    warm_up(tensors, folder)
     saves: dict[type[Method], list[float]] = {type(method): [] for method in chosen}
     restores: dict[type[Method], list[float]] = {type(method): [] for method in chosen}
     for _ in range(repeat):

@@ -40,7 +40,7 @@ from benchmarks._common import (
     ratio,
     timed,
 )
-from benchmarks._methods import DCP_THREADS, Method, Resumable, methods
+from benchmarks._methods import DCP_THREADS, Method, Resumable, methods, warm_up
 
 # The issue's targets for resumable, as ratios to the raw floor.
 SAVE_TARGET = 1.1
@@ -71,6 +71,7 @@ def measure(
     chosen: list[Method], folder: str, repeat: int
 ) -> dict[str, dict[str, list[float]]]:
     """Return each method's save, warm and cold restore seconds, one per repeat."""
+    warm_up(chosen[0].tensors, folder)
     times = {method.name: {phase: [] for phase in PHASES} for method in chosen}
     for _ in range(repeat):
         for index, method in enumerate(chosen):

@@ -1,7 +1,7 @@
 """
 The training loop's stall per snapshot, and the memory a snapshot takes, side by side.
 
-    python benchmarks/bench_stall.py [--mib 1024] [--steps 6] [--hide 1.5] [--repeat 1]
+    python benchmarks/bench_stall.py [--mib 1024] [--steps 5] [--hide 1.5] [--repeat 1]
         [--states flat,model] [--methods copy,resumable,dcp] [--work sleep]
 
 A step's body sleeps (or, with --work compute, multiplies matrices) for --hide
@@ -10,16 +10,18 @@ background, and changes every tensor in place. Each method runs the same loop of
 --steps steps twice: snapshotting after every step, and only after the last one.
 
   stall per snapshot = (wall time with snapshots - wall time without)
-                       / (snapshots - 1)
+                       / (steps - 1)
 
-the brief's "wall time - N x step time - the loop's overhead", with that overhead
-measured in the same process by the run without snapshots. The time between one
+that is, the wall time less the steps' time and the loop's own overhead, measured
+in the same process by the run without snapshots (both end with a snapshot that
+the run waits for, the final one). The time between one
 step's body and the next gives the stall of each snapshot: the first (which may
 allocate staging memory) and the median of the others. Each is printed with its
 ratio to one copy of the state into memory allocated beforehand, measured in the
 same process (target: the median at most 1.5 x). Peak extra memory is the rise of
-the resident high-water mark (VmHWM) over the run with snapshots, in MiB and as a
-ratio to the state (target: one staging copy plus a small constant).
+the resident high-water mark (VmHWM) over both runs (staging memory kept from
+the first still counts), in MiB and as a ratio to the state (target: one staging
+copy plus a small constant).
 
 Methods: ``copy`` (the ideal: a copy into buffers reused, nothing written),
 ``resumable`` (``resumable.run`` with every=1, as a user runs it) and ``dcp``
@@ -62,7 +64,7 @@ from benchmarks._common import (
     ratio,
     timed,
 )
-from benchmarks._methods import DCP_THREADS, FlatState, RawBytes
+from benchmarks._methods import DCP_THREADS, FlatState, RawBytes, warm_up
 
 # The issue's target: a snapshot stalls the loop at most this many copies.
 STALL_TARGET = 1.5
@@ -85,7 +87,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tensors", type=int, default=16, help="flat state tensors")
     parser.add_argument("--width", type=int, default=1024, help="model width")
     parser.add_argument("--vocab", type=int, default=8192, help="model vocabulary")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--hide", type=float, default=1.5, help="step / raw write")
     parser.add_argument("--step-seconds", type=float, help="instead of --hide")
     parser.add_argument("--repeat", type=int, default=1)
@@ -229,8 +231,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     body, times = make_body(subject, spec["seconds"], spec["work"])
     loop = LOOPS[spec["role"]]
     where = fresh_folder(spec["folder"], f"{spec['role']}-{os.getpid()}")
-    base = loop(subject, body, times, spec["steps"], False, where)
+    # Over both runs: staging memory kept from the first run's final snapshot
+    # still counts.
     with PeakMemory() as memory:
+        base = loop(subject, body, times, spec["steps"], False, where)
         snap = loop(subject, body, times, spec["steps"], True, where)
     fresh_folder(spec["folder"], f"{spec['role']}-{os.getpid()}")
 
@@ -296,6 +300,7 @@ def build_model(
 def calibrate(subject: Subject, folder: str) -> dict[str, Any]:
     raw = RawBytes(subject.tensors)
     where = fresh_folder(folder, f"calibrate-{os.getpid()}")
+    warm_up(subject.tensors, folder)
     write = min(timed(lambda: raw.save(where)) for _ in range(2))
     fresh_folder(folder, f"calibrate-{os.getpid()}")
     return {
@@ -306,10 +311,10 @@ def calibrate(subject: Subject, folder: str) -> dict[str, Any]:
 
 
 def measure_copy(tensors: list[torch.Tensor]) -> float:
-    """Return the best of three copies of ``tensors`` into memory touched before."""
+    """Return the best of five copies of ``tensors`` into memory touched before."""
     copies = [tensor.clone() for tensor in tensors]
 
-    return min(timed(lambda: copy_into(copies, tensors)) for _ in range(3))
+    return min(timed(lambda: copy_into(copies, tensors)) for _ in range(5))
 
 
 def copy_into(copies: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
