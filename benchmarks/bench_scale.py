@@ -2,15 +2,16 @@
 How the cost of a snapshot grows: with the state's size, and with its tensor count.
 
     python benchmarks/bench_scale.py [--sizes 64,256,1024,4096] [--tensors 16]
-        [--small 10000] [--small-kib 4] [--repeat 1]
+        [--small 10000] [--small-kib 4] [--repeat 3]
 
 For each size, a state of --tensors float32 tensors is saved durably and restored
 into its tensors (warm page cache) by the raw floor, torch.save and resumable; the
 seconds per GiB should stay flat as the size grows (linear cost). Then a state of
 --small tensors of --small-kib KiB each: seconds per snapshot and microseconds per
-tensor, against torch.save (bounded cost per tensor). The methods take turns in
-each repeat; figures are the best of the repeats. A 4 GiB state needs about three
-times that in memory (the state, torch.load's copy, a read buffer).
+tensor, against torch.save (bounded cost per tensor); --small 0 leaves it out.
+The methods take turns in each repeat; figures are the best of the repeats.
+States over 1 GiB are measured once: a 4 GiB one needs about three times that in
+memory (the state, torch.load's copy, a read buffer) and a minute.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tensors", type=int, default=16)
     parser.add_argument("--small", type=int, default=10000, help="small tensors")
     parser.add_argument("--small-kib", type=float, default=4)
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3, help="up to 1 GiB")
     parser.add_argument("--folder", default=os.getcwd())
     options = parser.parse_args(argv)
     sizes = [float(size) for size in options.sizes.split(",") if size.strip()]
@@ -59,12 +60,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = []
         for size in sorted(sizes):
             tensors = flat_tensors(size, options.tensors)
-            rows.append((nbytes(tensors), measure(tensors, folder, options.repeat)))
+            repeat = options.repeat if size <= 1024 else 1
+            rows.append((nbytes(tensors), measure(tensors, folder, repeat)))
             del tensors
             gc.collect()
         report_sizes(rows, options.tensors)
-        small = flat_tensors(options.small * options.small_kib / 1024, options.small)
-        report_small(small, measure(small, folder, options.repeat))
+        if options.small:
+            mib = options.small * options.small_kib / 1024
+            small = flat_tensors(mib, options.small)
+            report_small(small, measure(small, folder, options.repeat))
 
 
 def measure(
