@@ -229,7 +229,8 @@ class PeakMemory:
 
     @property
     def extra(self) -> int | None:
-        return self.peak - self.start if self.peak else None
+        # Memory freed inside can leave the resident size below where it began.
+        return max(0, self.peak - self.start) if self.peak else None
 
     def _sample_with_psutil(self) -> None:
         psutil = optional("psutil")
