@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import fsspec
 import pytest
 import torch
 
@@ -15,6 +16,14 @@ from benchmarks import (
     bench_step_overhead,
 )
 from benchmarks._common import PeakMemory
+
+# What bench_s3 sets to reach its own server (tests/s3server.py).
+S3_VARIABLES = [
+    "FSSPEC_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+]
 
 
 def test_snapshot_bench_prints_every_method(tmp_path, capsys):
@@ -74,6 +83,11 @@ def test_s3_bench_runs(monkeypatch, capsys):
     pytest.importorskip("moto")
     from benchmarks import bench_s3
 
+    # The script points fsspec and the environment at its own server, stopped at
+    # its end: the session's server must be found again after it.
+    monkeypatch.setattr(fsspec.config, "conf", dict(fsspec.config.conf))
+    for name in S3_VARIABLES:
+        monkeypatch.setenv(name, "")
     monkeypatch.setattr(sys, "argv", ["bench_s3.py", "--mib", "1", "--repeat", "1"])
     bench_s3.main()
 
