@@ -1,150 +1,155 @@
 """
-Durable save and restore of a flat state: resumable against raw writes and torch.save.
+Durable save and restore of a flat state: resumable and the usual ways, side by side.
 
-    python benchmarks/bench_snapshot.py [--mib 256] [--tensors 16] [--repeat 3]
+    python benchmarks/bench_snapshot.py [--mib 1024] [--tensors 16] [--repeat 3]
 
-Prints seconds (best of --repeat) and each method's ratio to the raw floor, measured
-side by side in one run, on the local disk under a temporary folder. Restore is timed
-twice: warm, right after the save, and cold, after the files' pages were dropped
-from the page cache (posix_fadvise, no root needed).
+Each method saves the state (write + fsync) and restores it into the existing
+tensors from a warm page cache, then again after evicting its files
+(POSIX_FADV_DONTNEED). The methods take turns in each repeat, so that a noisy
+neighbour slows them alike; each figure is the best and the median of the repeats,
+and each ratio is a best against the raw floor's best. Two references for the stall
+of a snapshot taken in the background follow: a copy of the state into memory
+allocated beforehand, and the time torch.distributed.checkpoint's async_save keeps
+its caller. Files go to a temporary folder under --folder (the current one).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import platform
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from pathlib import Path
 
-import attrs
 import torch
+import torch.distributed.checkpoint as dcp
 
-from resumable._archive import Archive
-from resumable._state import decode_snapshot, encode_snapshot, place_snapshot, schema
-from resumable._storage import Storage
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import (
+    MIB,
+    best_median,
+    drop_cache,
+    flat_tensors,
+    fresh_folder,
+    print_machine,
+    print_table,
+    quiet_dcp,
+    ratio,
+    timed,
+)
+from benchmarks._methods import DCP_THREADS, Method, Resumable, methods, warm_up
+
+# The issue's targets for resumable, as ratios to the raw floor.
+SAVE_TARGET = 1.1
+RESTORE_TARGET = 1.2
+PHASES = ("save", "warm", "cold")
 
 
-@attrs.define
-class FlatState:
-    tensors: list[torch.Tensor]
-
-
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--mib", type=float, default=1024)
     parser.add_argument("--tensors", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
-    options = parser.parse_args()
-    torch.manual_seed(0)
-    count = options.mib * 2**20 // 4 // options.tensors
-    state = FlatState([torch.randn(count) for _ in range(options.tensors)])
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
-    )
-    print(f"state: {options.tensors} float32 tensors, {options.mib} MiB in all")
-    with tempfile.TemporaryDirectory(dir=os.getcwd()) as folder:
-        rows = measure(state, folder, options.repeat)
-    floor_save, floor_load, floor_cold = rows[0][1:]
-    print(
-        f"{'method':34} {'save s':>8} {'x floor':>8} {'restore s':>10} {'x floor':>8}"
-        f" {'cold s':>8} {'x floor':>8}"
-    )
-    for name, save, load, cold in rows:
-        print(
-            f"{name:34} {save:8.3f} {save / floor_save:8.2f} "
-            f"{load:10.3f} {load / floor_load:8.2f} "
-            f"{cold:8.3f} {cold / floor_cold:8.2f}"
-        )
+    parser.add_argument("--folder", default=os.getcwd())
+    options = parser.parse_args(argv)
+    print_machine(options.folder)
+    tensors = flat_tensors(options.mib, options.tensors)
+    size = sum(tensor.numel() * 4 for tensor in tensors)
+    print(f"state: {len(tensors)} float32 tensors, {size / MIB:.0f} MiB in all")
+    print(f"{options.repeat} repeats, methods interleaved; best (median) seconds\n")
+    with tempfile.TemporaryDirectory(dir=options.folder) as folder:
+        times = measure(methods(tensors), folder, options.repeat)
+        report(times)
+        print()
+        report_stall_references(tensors, folder, options.repeat)
 
 
 def measure(
-    state: FlatState, folder: str, repeat: int
-) -> list[tuple[str, float, float, float]]:
-    raw_path = os.path.join(folder, "raw.bin")
-    torch_path = os.path.join(folder, "torch.pt")
-    archive = Archive(Storage.open(os.path.join(folder, "snapshots")), "bench")
-    manifests = []
-
-    def resumable_save() -> None:
-        content = encode_snapshot(state, [])
-        lineage = ("bench", len(manifests) + 1, 1)
-        manifests.append(archive.write(1, lineage, schema(state), content))
-
-    def resumable_load() -> None:
-        # As a resume does: read into the state's own tensors where they fit.
-        loaded = archive.read(manifests[-1], functools.partial(place_snapshot, state))
-        decode_snapshot(state, loaded.tree, loaded.buffers)
-
-    methods = {
-        "raw bytes + fsync (floor)": (
-            lambda: raw_save(state, raw_path),
-            lambda: raw_load(state, raw_path),
-        ),
-        "torch.save + fsync / torch.load": (
-            lambda: torch_save(state, torch_path),
-            lambda: torch_load(state, torch_path),
-        ),
-        "resumable (checksums, commit)": (resumable_save, resumable_load),
-    }
-    times: dict[str, tuple[list[float], ...]] = {name: ([], [], []) for name in methods}
-    # Interleaved, so that a noisy neighbour slows every method alike.
+    chosen: list[Method], folder: str, repeat: int
+) -> dict[str, dict[str, list[float]]]:
+    """Return each method's save, warm and cold restore seconds, one per repeat."""
+    warm_up(chosen[0].tensors, folder)
+    times = {method.name: {phase: [] for phase in PHASES} for method in chosen}
     for _ in range(repeat):
-        for name, (save, load) in methods.items():
-            times[name][0].append(timed(save))
-            times[name][1].append(timed(load))
-            drop_cached_pages(folder)
-            times[name][2].append(timed(load))
-            archive.prune(1)
+        for index, method in enumerate(chosen):
+            where = fresh_folder(folder, f"method-{index}")
+            measured = save_and_restore(method, where)
+            for phase, seconds in zip(PHASES, measured, strict=True):
+                times[method.name][phase].append(seconds)
+            fresh_folder(folder, f"method-{index}")
 
-    return [(name, *(min(each) for each in kinds)) for name, kinds in times.items()]
-
-
-def drop_cached_pages(folder: str) -> None:
-    """Evict every file under ``folder`` from the page cache: the next read is cold."""
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            descriptor = os.open(os.path.join(parent, name), os.O_RDONLY)
-            try:
-                # Only clean pages are dropped: written back first.
-                os.fsync(descriptor)
-                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(descriptor)
+    return times
 
 
-def timed(action: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
+def save_and_restore(method: Method, where: str) -> tuple[float, float, float]:
+    """Return the seconds of a save, a warm restore and a cold one."""
+    save = timed(lambda: method.save(where))
+    warm = timed(lambda: method.restore(where))
+    drop_cache(where)
+    cold = timed(lambda: method.restore(where))
+
+    return save, warm, cold
 
 
-def raw_save(state: FlatState, path: str) -> None:
-    with open(path, "wb") as file:
-        for tensor in state.tensors:
-            file.write(tensor.numpy().data)
-        file.flush()
-        os.fsync(file.fileno())
+def report(times: dict[str, dict[str, list[float]]]) -> None:
+    floor = {phase: min(values) for phase, values in next(iter(times.values())).items()}
+    rows = []
+    for name, phases in times.items():
+        row = [name]
+        for phase in PHASES:
+            best, median = best_median(phases[phase])
+            row += [f"{best:.3f} ({median:.3f})", ratio(best, floor[phase])]
+        rows.append(row)
+    headers = ["method", "save (write + fsync) s", "x floor"]
+    headers += ["restore, warm cache s", "x floor", "restore, cold cache s", "x floor"]
+    print_table(headers, rows)
+    ours = times.get(Resumable.name)
+    if ours is None:
+        return
+    ratios = {phase: ratio(min(ours[phase]), floor[phase]) for phase in PHASES}
+    print(
+        f"\nresumable against its targets: save {ratios['save']} x floor "
+        f"(target <= {SAVE_TARGET}); restore {ratios['warm']} x floor warm, "
+        f"{ratios['cold']} x floor cold (target <= {RESTORE_TARGET})"
+    )
 
 
-def raw_load(state: FlatState, path: str) -> None:
-    with open(path, "rb") as file:
-        for tensor in state.tensors:
-            file.readinto(tensor.numpy().data)
+def report_stall_references(
+    tensors: list[torch.Tensor], folder: str, repeat: int
+) -> None:
+    """Print what a background snapshot's stall is measured against."""
+    copies = [tensor.clone() for tensor in tensors]  # touched before it is timed
+    named = {f"t{index:05d}": tensor for index, tensor in enumerate(tensors)}
+    copy_times, stalls, totals = [], [], []
+    for attempt in range(repeat):
+        copy_times.append(timed(lambda: copy_into(copies, tensors)))
+        writer = dcp.FileSystemWriter(
+            fresh_folder(folder, f"async-{attempt}"), thread_count=DCP_THREADS
+        )
+        with quiet_dcp():
+            started = time.perf_counter()
+            future = dcp.async_save(named, storage_writer=writer, no_dist=True)
+            stalls.append(time.perf_counter() - started)
+            future.result()
+            totals.append(time.perf_counter() - started)
+    floor = min(copy_times)
+    rows = []
+    for name, values in [
+        ("copy into memory allocated beforehand", copy_times),
+        (f"DCP async_save, {DCP_THREADS} threads: the caller's stall", stalls),
+        ("DCP async_save: until its write is durable", totals),
+    ]:
+        best, median = best_median(values)
+        rows.append([name, f"{best:.3f} ({median:.3f})", ratio(best, floor)])
+    print_table(["stall reference", "seconds", "x copy"], rows)
 
 
-def torch_save(state: FlatState, path: str) -> None:
-    with open(path, "wb") as file:
-        torch.save(state.tensors, file)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def torch_load(state: FlatState, path: str) -> None:
-    for tensor, loaded in zip(state.tensors, torch.load(path), strict=True):
-        tensor.copy_(loaded)
+def copy_into(copies: list[torch.Tensor], tensors: list[torch.Tensor]) -> None:
+    for copy, tensor in zip(copies, tensors, strict=True):
+        copy.copy_(tensor)
 
 
 if __name__ == "__main__":
