@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from resumable import errors, testing
 from resumable._iterate import iterate
-from resumable._runtime import Result, load, run
+from resumable._loading import load
+from resumable._runtime import Result, run
 from resumable._state import transient
 from resumable._step import Step, step
 from resumable.errors import (

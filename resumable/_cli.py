@@ -27,8 +27,9 @@ from resumable._knobs import (
     env_json_object,
     env_str,
 )
+from resumable._loading import list_snapshots
 from resumable._progress import ProgressDisplay
-from resumable._runtime import list_snapshots, run_with
+from resumable._runtime import run_with
 from resumable._settings import Settings
 from resumable._signals import SignalCatcher, StopRequest, parse_signals
 from resumable._step import SCRIPT_MODULE, Step, check_signals

@@ -27,7 +27,7 @@ from resumable._iterate import (
 )
 from resumable._lease import Lease
 from resumable._preemption import Preemption
-from resumable._rng import capture_global_rngs, find_generators, restore_global_rngs
+from resumable._rng import find_generators
 from resumable._saving import Saver, describe_inside
 from resumable._settings import Settings
 from resumable._signals import StopRequest
@@ -47,9 +47,7 @@ from resumable._storage import Storage
 from resumable.errors import (
     ConfigurationError,
     IncompatibleSnapshotError,
-    NoSnapshotError,
     SnapshotError,
-    StorageError,
 )
 
 logger = logging.getLogger(__name__)
@@ -153,65 +151,6 @@ def run_with(
     runtime = Runtime(step, settings, backend, progress, stop)
 
     return runtime.run()
-
-
-def load(
-    step: Step[StateT],
-    *,
-    storage: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> StateT:
-    """
-    Return the state of the newest verified snapshot of ``step``.
-
-    Raises:
-        NoSnapshotError: The storage holds no snapshot of this step.
-        IncompatibleSnapshotError: Its snapshots do not fit this state.
-    """
-    settings = Settings.resolve(step, storage=storage, storage_options=storage_options)
-    backend = Storage.open(settings.storage, settings.storage_options, create=False)
-    archive = Archive(backend, step.program)
-    step.expose_script()
-    # Loading for evaluation must not move the caller's random streams, which
-    # init() and the restore both touch.
-    rngs = capture_global_rngs()
-    try:
-        return _load(step, archive, settings.storage)
-    finally:
-        restore_global_rngs(rngs)
-
-
-def _load(step: Step[StateT], archive: Archive, storage: str) -> StateT:
-    state = step.init()
-    check_state(state, "init()")
-    listing = archive.listing()
-    archive.check_foreign(listing)
-    place = functools.partial(place_snapshot, state)
-    loaded = archive.newest_verified(listing, schema(state), place)
-    if loaded is None:
-        msg = f"No snapshot of {step.program} at {storage}."
-        raise NoSnapshotError(msg)
-    decode_snapshot(state, loaded.tree, loaded.buffers)
-
-    return state
-
-
-def list_snapshots(
-    url: str, storage_options: dict[str, Any] | None = None
-) -> list[tuple[Listed, str | None]]:
-    """Return each committed snapshot at ``url``, newest first, and why it fails."""
-    archive = Archive(Storage.open(url, storage_options, create=False), program="")
-    rows = []
-    for entry in archive.listing():
-        problem = entry.problem
-        if entry.manifest is not None:
-            try:
-                archive.read(entry.manifest)
-            except (SnapshotError, StorageError) as err:
-                problem = str(err)
-        rows.append((entry, problem))
-
-    return rows
 
 
 class Runtime(Generic[StateT]):

@@ -21,7 +21,7 @@ import pytest
 
 import resumable
 from resumable._archive import Archive
-from resumable._runtime import list_snapshots
+from resumable._loading import list_snapshots
 from resumable._signals import SignalCatcher, StopRequest, Watchdog, parse_signals
 from resumable._storage import Storage
 from resumable.errors import ConfigurationError
