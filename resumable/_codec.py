@@ -86,11 +86,14 @@ class Encoder:
         # for the stager to copy once, straight into its arena, whatever their
         # device, layout in memory or dtype.
         self._staged = staged
+        # Built once: an encoder visits every tensor of a state, 10 000 of them
+        # in some, and a new table per value cost several microseconds each.
+        self._table = self._kinds()
 
     def encode(self, value: Any, path: str) -> Node:
         if _is_plain(value):
             return {"k": "json", "v": value}
-        for kind, matches, encode in self._kinds():
+        for kind, matches, encode in self._table:
             if matches(value):
                 node: Node = encode(value, path)
                 node["k"] = kind
