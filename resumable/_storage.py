@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 Fill = Callable[[Sequence[memoryview]], int]
 T = TypeVar("T")
 
+# The name of the empty file a start writes and deletes to prove it may write.
+_PROBE_PREFIX = ".resumable-probe-"
 # Buffers in one vectored read, at most: the kernel's limit (IOV_MAX).
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
 # The package each remote scheme needs, and the extra of resumable that installs it.
@@ -236,6 +238,8 @@ class Storage:
             for name in self._names()
             if parse_snapshot_name(name.removesuffix(MANIFEST_SUFFIX)) is None
             and parse_incarnation_name(name) is None
+            # A start killed between writing its probe and deleting it.
+            and not name.startswith(_PROBE_PREFIX)
         )
 
     def read_manifest(self, snapshot: str) -> bytes:
@@ -289,7 +293,7 @@ class Storage:
         Raises:
             StorageError: The storage cannot be written.
         """
-        probe = self.path(f".resumable-probe-{uuid.uuid4().hex[:12]}")
+        probe = self.path(f"{_PROBE_PREFIX}{uuid.uuid4().hex[:12]}")
         with self._translate("write to", self.root):
             try:
                 self.fs.pipe_file(probe, b"")

@@ -129,6 +129,15 @@ def test_claims_are_left_alone_by_the_unrecognised_check(storage_url: str) -> No
     assert [1, 2] == sorted(storage.claims())
 
 
+def test_a_probe_left_by_a_killed_start_is_not_warned_about(storage_url: str) -> None:
+    """The empty probe of a start killed before deleting it is ours, not foreign."""
+    testing.run_steps(tiny_train, 1, storage=storage_url)
+    storage = Storage.open(storage_url)
+    storage.fs.pipe_file(storage.path(".resumable-probe-0123456789ab"), b"")
+
+    assert [] == storage.unrecognised()
+
+
 def test_each_start_claims_and_manifests_record_the_incarnation(
     storage_url: str,
 ) -> None:
