@@ -100,8 +100,8 @@ class Storage:
             raise ConfigurationError(_missing_backend(url, err)) from None
         except (TypeError, ValueError) as err:
             msg = (
-                f"Cannot open storage {url!r}: {err}. Check the URL, its scheme, "
-                "and that the package for that scheme is installed."
+                f"Cannot open storage {url!r}: {_said(err)}. Check the URL, its "
+                "scheme, and that the package for that scheme is installed."
             )
             raise ConfigurationError(msg) from None
         storage = cls(fs, root, url)
@@ -394,7 +394,7 @@ class Storage:
             if isinstance(err, StorageError):
                 raise
             where = path or self.root
-            msg = f"Cannot {action} {where} on storage {self.url!r}: {err}."
+            msg = f"Cannot {action} {where} on storage {self.url!r}: {_said(err)}."
             if is_disk_full(err):
                 msg += (
                     f" The storage is full ({_free_space(self)}); free space "
@@ -411,7 +411,12 @@ def _rejected(url: str, err: Exception) -> str:
             "Give credentials: -o key=... -o secret=..., a profile, or the "
             "backend's environment variables."
         )
-    return f"Cannot open storage {url!r}: {type(err).__name__}: {err}. {hint}"
+    return f"Cannot open storage {url!r}: {type(err).__name__}: {_said(err)}. {hint}"
+
+
+def _said(err: BaseException) -> str:
+    """An error's text without its closing full stop: a message adds its own."""
+    return str(err).rstrip(". ")
 
 
 def _credentials(err: Exception) -> bool:
@@ -425,8 +430,8 @@ def _missing_backend(url: str, err: ImportError) -> str:
     extra = _EXTRAS.get(scheme)
     if extra is None:
         return (
-            f"Cannot open storage {url!r}: {err}. Install the fsspec backend for "
-            f"{scheme}:// URLs."
+            f"Cannot open storage {url!r}: {_said(err)}. Install the fsspec "
+            f"backend for {scheme}:// URLs."
         )
     package, name = extra
     return (

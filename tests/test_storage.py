@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from resumable._storage import Storage
+from resumable._storage import Storage, _rejected
 from resumable.errors import ConfigurationError, StorageError
 
 NAME = "step-000000001-aaaaaaaaaaaa"
@@ -295,3 +295,17 @@ def test_local_read_survives_partial_system_calls(
 
     expected = (size, b"abcdefghijklmn" * 700)
     assert expected == (count, b"".join(backs))
+
+
+class NoCredentialsError(Exception):
+    """Named as botocore's is: the storage recognises it by its name."""
+
+
+def test_an_error_that_ends_a_sentence_is_not_given_a_second_full_stop() -> None:
+    """A backend's message that ends in a full stop gets no second one."""
+    err = NoCredentialsError("Unable to locate credentials.")
+
+    message = _rejected("s3://bucket/run", err)
+
+    assert "credentials. Give credentials" in message
+    assert "credentials.." not in message
