@@ -24,7 +24,7 @@ from resumable._archive import Archive
 from resumable._preemption import Preemption
 from resumable._settings import Settings
 from resumable._snapshot import Payload
-from resumable._staging import Staged, Stager
+from resumable._staging import Staged, Stager, staged_size
 from resumable._state import Metrics, encode_snapshot, schema
 from resumable._writer import BackgroundWriter
 
@@ -49,6 +49,8 @@ class Saver:
         self.saved_at: int | None = None
         # Set at a stop: an arena still being prepared is not needed any more.
         self._stopping = threading.Event()
+        # Set where the staging copy cannot be allocated: every write is blocking.
+        self.in_loop = False
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -60,8 +62,10 @@ class Saver:
         try:
             yield
         except BaseException:
-            with contextlib.suppress(Exception):
+            try:
                 self.writer.close()
+            except Exception as err:  # the run's own error goes on
+                logger.error("background write failed too: error=%s", err)
             raise
         else:
             self.writer.close()
@@ -77,10 +81,27 @@ class Saver:
             return
         # A process that has set CUDA up holds tensors there: pinned memory.
         pinned = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
-        reserve = functools.partial(
-            self.stager.reserve, state_bytes, pinned=pinned, cancel=self._stopping
-        )
+        reserve = functools.partial(self._reserve, state_bytes, pinned)
         self.writer.submit(reserve, "staging arena")
+
+    def _reserve(self, size: int, pinned: bool) -> None:
+        try:
+            self.stager.reserve(size, pinned=pinned, cancel=self._stopping)
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            self._without_staging(size, err)
+
+    def _without_staging(self, size: int, err: BaseException) -> None:
+        """Write in the loop's time from now on: the staging copy does not fit."""
+        self.stager.release()
+        self.in_loop = True
+        logger.warning(
+            "staging memory not available, snapshots written in the loop's time: "
+            "bytes=%d, error=%s (set RESUMABLE_BACKGROUND=0 to skip the attempt)",
+            size,
+            str(err).splitlines()[0],
+        )
 
     def flush(self, *, stopping: bool = False) -> None:
         """
@@ -119,8 +140,19 @@ class Saver:
         holds one snapshot at a time.
         """
         self.writer.flush()
+        if self.in_loop:
+            self.save(state, done, history, lineage)
+            return
         started = time.perf_counter()
-        staged = self.stager.stage(*encode_snapshot(state, history, staged=True))
+        content = encode_snapshot(state, history, staged=True)
+        try:
+            staged = self.stager.stage(*content)
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            self._without_staging(staged_size(content[1]), err)
+            self.save(state, done, history, lineage)
+            return
         logger.debug(
             "snapshot staged: step=%d, seconds=%.3f",
             done,
@@ -173,6 +205,11 @@ class Saver:
         )
         self.archive.remove_abandoned(lineage[0], lineage[1])
         self.archive.prune(self.settings.keep)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether an allocation failed: Python's MemoryError, or torch's allocator."""
+    return isinstance(err, MemoryError) or "allocate" in str(err)
 
 
 def describe_inside(position: dict[str, int] | None) -> str:

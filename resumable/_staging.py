@@ -210,6 +210,11 @@ class Stager:
         return view.view(tensor.shape)
 
 
+def staged_size(buffers: Sequence[Any]) -> int:
+    """Return the bytes that staging ``buffers`` takes in the arena."""
+    return data_size(layout([_size(buffer) for buffer in buffers]))
+
+
 def _size(buffer: Any) -> int:
     if isinstance(buffer, torch.Tensor):
         return buffer.numel() * buffer.element_size()

@@ -84,7 +84,10 @@ class BackgroundWriter:
             failure, self._failure = self._failure, None
         if failure is not None:
             what, error = failure
-            logger.error("background write failed: what=%s, error=%r", what, error)
+            # The error itself is raised: its text is said once, where it lands.
+            logger.error(
+                "background write failed: what=%s, error=%s", what, type(error).__name__
+            )
             # The original exception, raised in this thread: a caller catches what
             # the write itself raised.
             raise error

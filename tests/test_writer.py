@@ -24,6 +24,7 @@ from resumable._archive import Archive
 from resumable._preemption import Preemption
 from resumable._settings import Settings
 from resumable._snapshot import DATA_OBJECT, parse_snapshot_name
+from resumable._staging import Stager
 from resumable._state import decode_snapshot
 from resumable._storage import Storage
 from resumable._writer import BackgroundWriter
@@ -349,3 +350,25 @@ def test_background_off_writes_every_snapshot_in_the_loop(
     assert not any("resumable-writer" in names for names in off)
     assert "resumable-writer" in threads[-1]
     assert not Settings.resolve(step).background
+
+
+@pytest.mark.parametrize("where", ["reserve", "stage"])
+def test_staging_memory_that_cannot_be_had_falls_back_to_writes_in_the_loop(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """An allocation that fails warns once and the run ends as one without staging."""
+    url = testing.memory_storage()
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: 268435456")
+
+    monkeypatch.setattr(Stager, where, refuse)
+    caplog.set_level(logging.WARNING, logger="resumable")
+    result = resumable.run(change, storage=url)
+    warnings = [r.getMessage() for r in caplog.records if "staging" in r.getMessage()]
+    blocking = resumable.run(change, storage=testing.memory_storage(), background=False)
+
+    assert (True, 1) == (result.finished, len(warnings))
+    assert "RESUMABLE_BACKGROUND=0" in warnings[0]
+    assert [1, 2, 3, 4, 5, 6] == sorted(_snapshots(url))
+    assert [] == testing.diff_states(blocking.state, result.state)
