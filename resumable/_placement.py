@@ -11,6 +11,8 @@ CUDA tensors, tied weights) is left to the decoder, which copies as before.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ from resumable._codec import (
     _is_stateful,
     unwrap_module,
 )
+from resumable.errors import StateDefinitionError
 
 
 def find_places(
@@ -60,6 +63,8 @@ class _Walk:
             visit(node, current)
 
     def _tensor(self, node: Node, current: Any) -> None:
+        if isinstance(current, torch.Tensor):
+            check_writable(current)
         if (
             type(current) in (torch.Tensor, torch.nn.Parameter)
             and current.device.type == "cpu"
@@ -107,6 +112,53 @@ class _Walk:
                 self.node(item, target)
 
     _tuple = _list
+
+
+def check_writable(tensor: torch.Tensor) -> None:
+    """
+    Refuse a CPU tensor over read-only memory (a numpy memory map opened with
+    mode "r"): restoring writes into it, which would crash the process.
+
+    Raises:
+        StateDefinitionError: The tensor's memory cannot be written.
+    """
+    if tensor.device.type != "cpu" or not tensor.numel() or tensor.is_meta:
+        return
+    if tensor.untyped_storage().resizable():
+        return  # torch's own allocation: always writable
+    view = _first_byte(tensor)
+    if view is None:
+        return
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, view)
+        try:
+            # The kernel writes the byte back where it was, or says EFAULT.
+            os.readv(read_end, [view])
+        except OSError as err:
+            if err.errno != errno.EFAULT:
+                raise
+            msg = (
+                f"A tensor of the state ({tuple(tensor.shape)}, "
+                f"{str(tensor.dtype).removeprefix('torch.')}) lies in read-only "
+                "memory, such as a numpy memory map opened with mode 'r': a "
+                "restore cannot write into it. Copy it in init() "
+                "(torch.from_numpy(array.copy())) or declare its field "
+                "resumable.transient()."
+            )
+            raise StateDefinitionError(msg) from None
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _first_byte(tensor: torch.Tensor) -> memoryview | None:
+    """The first byte of a tensor's memory, or None where numpy cannot view it."""
+    try:
+        first = torch.as_strided(tensor.detach(), (1,), (1,))
+        return first.view(torch.uint8)[:1].numpy().data.cast("B")
+    except (TypeError, RuntimeError):
+        return None
 
 
 def _writable_bytes(value: Any) -> tuple[int, memoryview]:

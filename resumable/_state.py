@@ -133,15 +133,21 @@ def place_snapshot(
     the buffers read there.
     """
     fields = tree.get("state")
-    if "resume" in tree or type(fields) is not dict:
-        # A replay decodes the snapshot again once the step's start has changed
-        # the live tensors: its bytes must stay apart from them.
+    if type(fields) is not dict:
         return [None] * len(table)
     try:
-        return find_places(state, fields, table)
+        places = find_places(state, fields, table)
+    except StateDefinitionError:
+        raise  # memory that decoding could not write either
     except (AttributeError, IndexError, KeyError, TypeError, ValueError):
         # Placing only saves copies; decoding says what is wrong with the tree.
         return [None] * len(table)
+    if "resume" in tree:
+        # A replay decodes the snapshot again once the step's start has changed
+        # the live tensors: its bytes must stay apart from them.
+        return [None] * len(table)
+
+    return places
 
 
 def decode_resume(tree: dict[str, Any], buffers: Sequence[memoryview]) -> Any:

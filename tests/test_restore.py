@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 import resumable
-from resumable import _runtime
+from resumable import _runtime, testing
 from resumable._archive import Archive, Loaded
 from resumable._snapshot import DATA_OBJECT, INDEX_OBJECT, Manifest
 from resumable._state import (
@@ -30,7 +31,7 @@ from resumable._state import (
     schema,
 )
 from resumable._storage import Storage
-from resumable.errors import SnapshotCorruptError
+from resumable.errors import SnapshotCorruptError, StateDefinitionError
 from resumable.testing import diff_states
 
 
@@ -361,3 +362,40 @@ def test_blocking_write_round_trips_through_a_throttled_storage(
     restore(archive, manifest, live)
 
     assert [] == diff_states(saved, live)
+
+
+@attrs.define
+class Frozen:
+    """Embeddings mapped read-only from a file, and weights trained on them."""
+
+    embeddings: torch.Tensor
+    weights: torch.Tensor
+
+
+@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_tensor_over_read_only_memory_is_refused_clearly(
+    tmp_path: Path, inside: bool
+) -> None:
+    """A resume into a read-only memory map says so: no crash, no storage error."""
+    mapped = tmp_path / "embeddings.npy"
+    np.save(mapped, np.arange(64, dtype=np.float32))
+
+    def init() -> Frozen:
+        array = np.load(mapped, mmap_mode="r")
+        return Frozen(torch.from_numpy(array), torch.zeros(8))
+
+    @resumable.step(init=init, steps=3, every=1)
+    def train(state: Frozen, step: int) -> None:
+        for _ in resumable.iterate(range(2)):
+            state.weights += state.embeddings[:8]
+
+    url = str(tmp_path / "store")
+    if inside:
+        testing.run_preempted(train, 1, 1, storage=url)
+    else:
+        testing.run_steps(train, 2, storage=url)
+    with pytest.raises(StateDefinitionError, match="read-only memory") as caught:
+        resumable.run(train, storage=url)
+
+    assert "resumable.transient()" in str(caught.value)
