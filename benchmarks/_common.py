@@ -59,6 +59,8 @@ def machine(folder: str) -> list[str]:
 
 
 def print_machine(folder: str) -> None:
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--folder {folder}: no such folder; make it or name another.")
     for line in machine(folder):
         print(line)
 
