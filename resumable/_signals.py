@@ -201,7 +201,7 @@ class Watchdog:
             if self._stop.requested and self._stop.elapsed() >= self._deadline:
                 logger.error(
                     "grace period spent: seconds=%.1f, exiting now, "
-                    "last committed snapshot kept",
+                    "committed snapshots untouched",
                     self._stop.elapsed(),
                 )
                 os._exit(self._exit_code)
