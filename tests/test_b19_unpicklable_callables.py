@@ -118,8 +118,11 @@ def behaviour(state: State) -> dict[str, Any]:
         "last_lr": state.scheduler.get_last_lr(),
         "optimizer_lr": [group["lr"] for group in state.optimizer.param_groups],
         "lr_lambda(1)": state.scheduler.lr_lambdas[0](1),
-        "tracker": [type(state.tracker).__qualname__, vars(state.tracker)],
-        "settings": [type(state.settings).__qualname__, attrs.asdict(state.settings)],
+        # The name, not the qualified name: cloudpickle rebuilds a class defined in
+        # a function without its qualified name whenever the original was
+        # collected, which depends on the collector's timing.
+        "tracker": [type(state.tracker).__name__, vars(state.tracker)],
+        "settings": [type(state.settings).__name__, attrs.asdict(state.settings)],
         "scale(3)": state.scale(3),
         "parameters": [p.detach().clone() for p in state.model.parameters()],
     }
