@@ -111,6 +111,10 @@ UPLOAD_CONCURRENCY = ENV_PREFIX + "UPLOAD_CONCURRENCY"
 # 0 writes every snapshot in the training loop's time; 1 (the default) writes those
 # of the cadence in the background.
 BACKGROUND = ENV_PREFIX + "BACKGROUND"
+# Under torchrun: seconds a rank waits for the others at a safe point, and around
+# storage (a snapshot's write, a resume), before it reports them lost.
+DIST_TIMEOUT = ENV_PREFIX + "DIST_TIMEOUT"
+DIST_IO_TIMEOUT = ENV_PREFIX + "DIST_IO_TIMEOUT"
 
 
 def env_json_object(name: str) -> dict[str, Any] | None:

@@ -11,12 +11,13 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import attrs
 
 from resumable._archive import Archive, Listed, Loaded
+from resumable._distributed import Group, joined
 from resumable._iterate import (
     Position,
     Preempted,
@@ -26,6 +27,7 @@ from resumable._iterate import (
     shut_down_workers,
 )
 from resumable._lease import Lease
+from resumable._parts import check_shared_storage, read_part
 from resumable._preemption import Preemption
 from resumable._rng import find_generators
 from resumable._saving import Saver, describe_inside
@@ -36,6 +38,7 @@ from resumable._space import check_room
 from resumable._state import (
     Metrics,
     check_capturable,
+    check_metrics,
     check_state,
     decode_resume,
     decode_snapshot,
@@ -47,6 +50,7 @@ from resumable._storage import Storage
 from resumable.errors import (
     ConfigurationError,
     IncompatibleSnapshotError,
+    SnapshotCorruptError,
     SnapshotError,
 )
 
@@ -146,11 +150,15 @@ def run_with(
     stop: StopRequest | None = None,
 ) -> Result[StateT]:
     """Run with resolved settings; ``stop`` carries a request made before the run."""
-    backend = Storage.open(settings.storage, settings.storage_options)
-    backend.check_writable()
-    runtime = Runtime(step, settings, backend, progress, stop)
-
-    return runtime.run()
+    with joined() as group:
+        if group is not None and settings.background:
+            # Every rank's part must be durable before rank 0 commits: the
+            # parts are written in the loop's time (see the README's Limitations).
+            settings = attrs.evolve(settings, background=False)
+        backend = Storage.open(settings.storage, settings.storage_options)
+        backend.check_writable()
+        runtime = Runtime(step, settings, backend, progress, stop, group)
+        return runtime.run()
 
 
 class Runtime(Generic[StateT]):
@@ -163,12 +171,16 @@ class Runtime(Generic[StateT]):
         storage: Storage,
         progress: Progress | None = None,
         stop: StopRequest | None = None,
+        group: Group | None = None,
     ) -> None:
         self.step = step
+        # The job's ranks where it runs as many processes (torchrun), else None.
+        self.group = group
         self.settings = settings
         # This process's incarnation of the run: its claim fences older ones.
         self.lease = Lease(storage)
         self.archive = Archive(storage, step.program, self.lease)
+        self.archive.world_size = group.world_size if group else 1
         self.progress = progress
         self.preemption = Preemption(settings, stop)
         # The start marker this run wrote into the snapshot it resumed from.
@@ -179,7 +191,9 @@ class Runtime(Generic[StateT]):
         self.generation = 0
         self.lineage_start = 1
         # Writes the snapshots, in the background or at once.
-        self.saver = Saver(self.archive, settings, self.preemption)
+        self.saver = Saver(self.archive, settings, self.preemption, group)
+        # The snapshot this run resumed from, where it resumed.
+        self.loaded_name: str | None = None
         # Whether the step's body has run resumable.iterate loops (None before
         # the first step): then the RNG states at each step's start are kept.
         self.loops_seen: bool | None = None
@@ -225,10 +239,15 @@ class Runtime(Generic[StateT]):
             settings.keep,
         )
         self.step.expose_script()
+        if self.group is not None:
+            logger.info(
+                "ranks joined: world_size=%d, storage shared", self.group.world_size
+            )
+            check_shared_storage(self.archive, self.group)
         with self.preemption, _workers_shut_down(), self.saver.running():
             state = self.step.init()
             check_state(state, f"init() of {self.step.program}")
-            done, history, replay = self._resume(state)
+            done, history, replay = self._resume_ranks(state)
             self.preemption.state_bytes = check_capturable(state)
             if done >= settings.steps and replay is None:
                 logger.info(
@@ -247,6 +266,50 @@ class Runtime(Generic[StateT]):
             self.archive.storage.delete_object(*self.start_marker)
 
         return result
+
+    def _resume_ranks(
+        self, state: StateT
+    ) -> tuple[int, list[Metrics | None], Replay | None]:
+        """Resume every rank from the snapshot that rank 0 picks (``_resume``)."""
+        group = self.group
+        if group is None:
+            return self._resume(state)
+        resumed = []
+
+        def lead() -> str | None:
+            resumed.append(self._resume(state))
+            return self.loaded_name
+
+        name = group.lead(lead, "the resume")
+        failure = None
+        if not group.leads:
+            try:
+                resumed.append(self._resume_part(state, name))
+            except SnapshotError as err:
+                failure = err
+        failures = group.gather(failure and str(failure), "the resume")
+        if failure is not None:
+            raise failure
+        failed = [rank for rank, text in enumerate(failures) if text]
+        if failed:
+            msg = f"Ranks {failed} could not read their part of {name}: {failures}"
+            raise SnapshotCorruptError(msg)
+
+        return resumed[0]
+
+    def _resume_part(
+        self, state: StateT, name: str | None
+    ) -> tuple[int, list[Metrics | None], Replay | None]:
+        """Restore this rank's part of the snapshot that rank 0 resumed from."""
+        if name is None:
+            return 0, [], None
+        assert self.group is not None  # only ranks other than 0 come here
+        manifest = Manifest.from_bytes(self.archive.storage.read_manifest(name), name)
+        place = functools.partial(place_snapshot, state)
+        loaded = read_part(self.archive, manifest, self.group.rank, place)
+        history = decode_snapshot(state, loaded.tree, loaded.buffers)
+
+        return self._resume_point(state, loaded, history)
 
     def _resume(self, state: StateT) -> tuple[int, list[Metrics | None], Replay | None]:
         listing = self.archive.listing()
@@ -300,8 +363,6 @@ class Runtime(Generic[StateT]):
             check_room(self.archive.storage, manifest)
             marker = self.archive.record_start(manifest, self.settings.max_attempts)
             self.start_marker = (manifest.name, marker)
-        if manifest.write_seconds is not None:
-            self.preemption.record_write(manifest.write_seconds)
         logger.info(
             "resumed: step=%d%s, snapshot=%s, storage=%s",
             manifest.step,
@@ -309,6 +370,16 @@ class Runtime(Generic[StateT]):
             manifest.name,
             self.settings.storage,
         )
+        self.loaded_name = manifest.name
+
+        return self._resume_point(state, loaded, history)
+
+    def _resume_point(
+        self, state: StateT, loaded: Loaded, history: list[Metrics | None]
+    ) -> tuple[int, list[Metrics | None], Replay | None]:
+        manifest = loaded.manifest
+        if manifest.write_seconds is not None:
+            self.preemption.record_write(manifest.write_seconds)
         self.saver.saved_at = manifest.step
         point = decode_resume(loaded.tree, loaded.buffers)
         if point is None:
@@ -393,15 +464,17 @@ class Runtime(Generic[StateT]):
     ) -> int:
         settings = self.settings
         generators = find_generators(state)
+        first = True
         while done < settings.steps:
-            if self.preemption.requested:
+            # With many ranks, the agreement after each step covers this one.
+            if (first or self.group is None) and self._stop_agreed():
                 self._stop_between_steps(state, done, history)
                 return done
             try:
                 metrics = self._run_one_step(state, done, history, generators, replay)
             except Preempted:
                 return done
-            replay = None
+            replay, first = None, False
             history.append(metrics)
             done += 1
             self.lease.check_now_and_then("train on")
@@ -413,7 +486,7 @@ class Runtime(Generic[StateT]):
                 self.saver.flush()
             if self.progress is not None:
                 self.progress(done, settings.steps, history[-1])
-            if self.preemption.requested:
+            if self._stop_agreed():
                 self._stop_between_steps(state, done, history)
                 return done
             if due:
@@ -438,7 +511,7 @@ class Runtime(Generic[StateT]):
 
         def safe_point(context: StepContext, position: Position) -> None:
             self.preemption.check_simulated(index, position.loop, position.item)
-            if self.preemption.requested:
+            if self._stop_agreed():
                 self._stop_inside_step(state, context, position, history)
 
         context = StepContext(
@@ -451,7 +524,7 @@ class Runtime(Generic[StateT]):
         returned = run_in_context(context, lambda: self.step(state, index))
         # Once a step has used loops, every later step keeps its start's RNGs.
         self.loops_seen = bool(self.loops_seen) or context.used_loops
-        metrics = _check_metrics(returned, index)
+        metrics = check_metrics(returned, index)
         self.preemption.check_simulated(index, None, None)
         logger.debug(
             "step done: step=%d, seconds=%.3f, metrics=%s",
@@ -460,6 +533,20 @@ class Runtime(Generic[StateT]):
             metrics,
         )
         return metrics
+
+    def _stop_agreed(self) -> bool:
+        """
+        Say whether to stop here; with many ranks, every rank says the same, at
+        the cost of one small all-reduce.
+        """
+        requested = self.preemption.requested
+        if self.group is None:
+            return requested
+        asking = self.group.agree_stop(requested)
+        if asking is not None and not requested:
+            self.preemption.stop_for_rank(asking)
+
+        return asking is not None
 
     def _stop_between_steps(
         self, state: StateT, done: int, history: list[Metrics | None]
@@ -523,6 +610,8 @@ class Runtime(Generic[StateT]):
         resume: dict[str, Any] | None,
     ) -> str:
         fits, reason = self.preemption.write_fits()
+        if self.group is not None and not self.group.all_agree(fits, "the budget"):
+            fits, reason = False, f"{reason}, on this rank or another"
         if not fits:
             logger.warning(
                 "final snapshot skipped: %s; the newest committed one stays", reason
@@ -557,31 +646,3 @@ def _workers_shut_down() -> Iterator[None]:
         yield
     finally:
         shut_down_workers()
-
-
-def _check_metrics(metrics: object, index: int) -> Metrics | None:
-    if metrics is None:
-        return None
-    if not isinstance(metrics, Mapping):
-        msg = (
-            f"Step {index} returned a {type(metrics).__name__}; a step returns None "
-            "or a dict of metric names to numbers."
-        )
-        raise ConfigurationError(msg)
-    checked = {}
-    for key, value in metrics.items():
-        # A loss tensor still attached to its graph warns when turned into a float.
-        detach = getattr(value, "detach", None)
-        try:
-            if isinstance(value, str | bytes):
-                raise TypeError
-            number = float(detach() if callable(detach) else value)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            msg = (
-                f"Step {index} returned metric {key!r} = {value!r}; metric values "
-                "must be numbers (a float, an int or a one-element tensor)."
-            )
-            raise ConfigurationError(msg) from None
-        checked[str(key)] = number
-
-    return checked
