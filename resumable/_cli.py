@@ -26,6 +26,7 @@ from resumable._knobs import (
     env_int,
     env_json_object,
     env_str,
+    launched_rank,
 )
 from resumable._loading import list_snapshots
 from resumable._progress import ProgressDisplay
@@ -399,11 +400,10 @@ def _configure_logging(verbosity: int) -> None:
 
 def _rank() -> int | None:
     """This process's rank under torchrun, or None where it runs alone."""
-    try:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except (KeyError, ValueError):
+    launched = launched_rank()
+    if launched is None:
         return None
-    return rank if world_size > 1 else None
+    return launched[0] if launched[1] > 1 else None
 
 
 def _time(timestamp: float) -> str:

@@ -17,14 +17,19 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from resumable._knobs import DIST_IO_TIMEOUT, DIST_TIMEOUT, env_float
+from resumable._knobs import (
+    DIST_IO_TIMEOUT,
+    DIST_TIMEOUT,
+    env_float,
+    launched_rank,
+    local_rank,
+)
 from resumable.errors import RankLostError
 
 logger = logging.getLogger(__name__)
@@ -35,8 +40,6 @@ T = TypeVar("T")
 _TIMEOUT = 20.0
 # Seconds a rank waits for the others around storage: the slowest rank's write.
 _IO_TIMEOUT = 600.0
-# What torchrun sets for each process.
-_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Group:
@@ -145,13 +148,12 @@ def join() -> Group | None:
         return None
     made = False
     if not dist.is_initialized():
-        if not all(os.environ.get(name) for name in _LAUNCH_VARIABLES):
-            return None
-        if int(os.environ["WORLD_SIZE"]) < 2:
+        launched = launched_rank()
+        if launched is None or launched[1] < 2:
             return None
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_rank())
         dist.init_process_group(backend)
         made = True
         logger.debug("process group initialised: backend=%s", backend)

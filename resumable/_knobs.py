@@ -115,6 +115,23 @@ BACKGROUND = ENV_PREFIX + "BACKGROUND"
 # storage (a snapshot's write, a resume), before it reports them lost.
 DIST_TIMEOUT = ENV_PREFIX + "DIST_TIMEOUT"
 DIST_IO_TIMEOUT = ENV_PREFIX + "DIST_IO_TIMEOUT"
+# What torchrun sets for each process it starts.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_rank() -> tuple[int, int] | None:
+    """Return (rank, world size) as torchrun set them, or None where it did not."""
+    if not all(os.environ.get(name) for name in LAUNCH_VARIABLES):
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        return None
+
+
+def local_rank() -> int:
+    """Return torchrun's LOCAL_RANK, the GPU of this process; 0 where unset."""
+    return int(os.environ.get("LOCAL_RANK") or 0)
 
 
 def env_json_object(name: str) -> dict[str, Any] | None:
