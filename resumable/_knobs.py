@@ -115,6 +115,10 @@ BACKGROUND = ENV_PREFIX + "BACKGROUND"
 # storage (a snapshot's write, a resume), before it reports them lost.
 DIST_TIMEOUT = ENV_PREFIX + "DIST_TIMEOUT"
 DIST_IO_TIMEOUT = ENV_PREFIX + "DIST_IO_TIMEOUT"
+# Under torchrun: 1 (the default) lays DDP's gradient buckets out in parameter
+# order before the first step, so that a resume reduces bit-identically; 0 keeps
+# DDP's own layout (bit-identical resumes with 2 ranks only).
+DIST_PIN_BUCKETS = ENV_PREFIX + "DIST_PIN_BUCKETS"
 # What torchrun sets for each process it starts.
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

@@ -16,6 +16,7 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from resumable._archive import Archive
+from resumable._ddp import pin_buckets
 from resumable._distributed import Group, joined
 from resumable._iterate import (
     Position,
@@ -240,6 +241,8 @@ class Runtime(Resuming[StateT]):
             state = self.step.init()
             check_state(state, f"init() of {self.step.program}")
             done, history, replay = self._resume_ranks(state)
+            if self.group is not None:
+                pin_buckets(state)
             self.preemption.state_bytes = check_capturable(state)
             if done >= settings.steps and replay is None:
                 logger.info(

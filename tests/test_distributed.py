@@ -101,10 +101,6 @@ def test_sigkill_of_one_rank_commits_nothing_partial_and_resumes_exactly(
     own collective saw it first); a restart ends equal.
     """
     world_size, expected = reference
-    if world_size == 3:
-        # Open: with 3 ranks a resume at a step's end differs in the weights'
-        # last bits (RNGs and data position equal); see the branch's report.
-        request.applymarker(pytest.mark.xfail(reason="3-rank resume at step end"))
     with started(tmp_path, world_size, _environment(tmp_path)) as job:
         wait_for_step(tmp_path / "progress", 1, 3)
         job.signal(1, signal.SIGKILL)
