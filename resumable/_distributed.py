@@ -4,12 +4,14 @@ control traffic on it.
 
 Under ``torchrun`` (RANK, WORLD_SIZE and MASTER_ADDR in the environment) the
 default process group is set up here where the user has not (gloo on CPU, nccl
-where CUDA is there) and destroyed at the end only if it was made here. Beside it,
+where CUDA is there), bounded by RESUMABLE_DIST_TIMEOUT, and destroyed at the end
+only if it was made here. Beside it,
 resumable keeps two gloo groups of its own, so that its messages never interleave
 with the user's: one for the agreement at safe points, bounded by
 RESUMABLE_DIST_TIMEOUT, one for waits on storage (a write, a resume), bounded by
-RESUMABLE_DIST_IO_TIMEOUT. A rank that died or hangs turns into a
-``RankLostError`` within that bound. Knows nothing of snapshots.
+RESUMABLE_DIST_IO_TIMEOUT. A rank that died turns into a ``RankLostError`` at
+once (its connections close), one that hangs within that bound. Knows nothing
+of snapshots.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Seconds a rank waits for the others at a safe point: well inside a 30 s grace.
-_TIMEOUT = 20.0
+# Seconds a rank waits for the others at a safe point. Only a rank that hangs
+# needs it: a dead one's connections close, and the others learn of it at once.
+# Long, so that a rank merely slower than the others (an evaluation on rank 0
+# alone) is not taken for hung: NCCL's default, which the script's own
+# collectives already wait.
+_TIMEOUT = 600.0
 # Seconds a rank waits for the others around storage: the slowest rank's write.
 _IO_TIMEOUT = 600.0
 
@@ -49,7 +55,7 @@ class Group:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.made_default = made_default
-        self.timeout = env_float(DIST_TIMEOUT, 0.1) or _TIMEOUT
+        self.timeout = _timeout()
         io_timeout = env_float(DIST_IO_TIMEOUT, 0.1) or _IO_TIMEOUT
         self._control = _gloo_group(self.timeout)
         self._io = _gloo_group(io_timeout)
@@ -154,7 +160,10 @@ def join() -> Group | None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend)
+        # The script's own collectives get the same bound: a hung rank does not
+        # hold the others in a gradient's all-reduce either.
+        bound = datetime.timedelta(seconds=_timeout())
+        dist.init_process_group(backend, timeout=bound)
         made = True
         logger.debug("process group initialised: backend=%s", backend)
     if dist.get_world_size() < 2:
@@ -172,6 +181,10 @@ def joined() -> Iterator[Group | None]:
     finally:
         if group is not None:
             group.close()
+
+
+def _timeout() -> float:
+    return env_float(DIST_TIMEOUT, 0.1) or _TIMEOUT
 
 
 def _gloo_group(seconds: float) -> Any:

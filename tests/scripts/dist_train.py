@@ -8,6 +8,9 @@ A data-parallel training run of several processes for the distributed tests:
 - ``DIST_DIGEST``: a folder that gets ``rank-<R>.json`` at exit: a sha256 of each
   part of the final state of that rank.
 - ``DIST_PER_RANK``: 0 makes every rank's RNGs the same (a replicated state).
+- ``DIST_HANG``: ``<rank>:<step>`` makes that rank stop itself (SIGSTOP) after
+  the first batch of that step, between its collectives and the next safe
+  point: a hang at a known place.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import time
 
 import attrs
@@ -35,6 +39,7 @@ STEP_SLEEP = float(os.environ.get("DIST_STEP_SLEEP", "0"))
 PROGRESS = os.environ.get("DIST_PROGRESS", "")
 DIGEST = os.environ.get("DIST_DIGEST", "")
 PER_RANK = os.environ.get("DIST_PER_RANK", "1") == "1"
+HANG = os.environ.get("DIST_HANG", "")
 INPUTS, SAMPLES, BATCH = 8, 48, 8
 
 
@@ -92,6 +97,8 @@ def train(state: State, step: int) -> dict[str, float]:
         state.optimizer.step()
         state.losses.append(loss.item())
         state.seen += len(index)
+        if HANG == f"{dist.get_rank()}:{step}":
+            os.kill(os.getpid(), signal.SIGSTOP)
         if STEP_SLEEP:
             time.sleep(STEP_SLEEP)
     return {"loss": state.losses[-1]}
