@@ -64,43 +64,53 @@ def _unverified(folder: Path) -> list[str]:
     return bad
 
 
+# The model of each world size's runs: 2 processes shard it with FSDP2, 3
+# replicate it with DDP.
+SHARDED = {2: 1, 3: 0}
+
+
 def _reference(folder: Path, world_size: int) -> Path:
-    codes, job = _run(folder, world_size, DIST_STEP_SLEEP=0)
+    codes, job = _run(
+        folder, world_size, DIST_STEP_SLEEP=0, DIST_FSDP=SHARDED[world_size]
+    )
     assert [0] * world_size == codes, job.log()
     return folder
 
 
 @pytest.fixture(scope="module")
 def reference2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder of an uninterrupted run of 2 processes: its digests and store."""
+    """The folder (digests, store) of an uninterrupted run of 2 processes, FSDP2."""
     return _reference(tmp_path_factory.mktemp("reference2"), 2)
 
 
 @pytest.fixture(scope="module")
 def reference3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder of an uninterrupted run of 3 processes: its digests and store."""
+    """The folder (digests, store) of an uninterrupted run of 3 processes, DDP."""
     return _reference(tmp_path_factory.mktemp("reference3"), 3)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3], ids=["2-fsdp", "3-ddp"])
 def test_sigterm_then_sigkill_of_one_rank_resume_exactly(
     world_size: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """
-    SIGTERM to the last rank stops every rank with code 1; after a restart, SIGKILL
+    With a model sharded by FSDP2 (2 processes) or replicated by DDP (3), SIGTERM
+    to the last rank stops every rank with code 1; after a restart, SIGKILL
     of rank 1 makes the others exit at once, with code 6 (or 3 where the script's
     own collective saw it first), committing nothing partial; a last restart
     ends equal to the uninterrupted run.
     """
     expected = request.getfixturevalue(f"reference{world_size}")
-    with started(tmp_path, world_size, _environment(tmp_path)) as job:
+    sharded = SHARDED[world_size]
+    environment = _environment(tmp_path, DIST_FSDP=sharded)
+    with started(tmp_path, world_size, environment) as job:
         wait_for_step(tmp_path / "progress", world_size - 1, 1)
         job.signal(world_size - 1, signal.SIGTERM)
         stopped = job.wait()
     assert [1] * world_size == stopped, job.log()
     assert "preempted: cause=rank" in job.log()
 
-    with started(tmp_path, world_size, _environment(tmp_path)) as job:
+    with started(tmp_path, world_size, environment) as job:
         wait_for_step(tmp_path / "progress", 1, 3)
         job.signal(1, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -112,7 +122,7 @@ def test_sigterm_then_sigkill_of_one_rank_resume_exactly(
     assert waited < 60
     assert [] == _unverified(tmp_path)
 
-    codes, job = _run(tmp_path, world_size, DIST_STEP_SLEEP=0)
+    codes, job = _run(tmp_path, world_size, DIST_STEP_SLEEP=0, DIST_FSDP=sharded)
     assert [0] * world_size == codes, job.log()
     assert _digests(expected, world_size) == _digests(tmp_path, world_size)
     assert [] == _unverified(tmp_path)

@@ -8,6 +8,7 @@ A data-parallel training run of several processes for the distributed tests:
 - ``DIST_DIGEST``: a folder that gets ``rank-<R>.json`` at exit: a sha256 of each
   part of the final state of that rank.
 - ``DIST_PER_RANK``: 0 makes every rank's RNGs the same (a replicated state).
+- ``DIST_FSDP``: 1 shards the model with FSDP2 (``fully_shard``) instead of DDP.
 - ``DIST_HANG``: ``<rank>:<step>`` makes that rank stop itself (SIGSTOP) after
   the first batch of that step, between its collectives and the next safe
   point: a hang at a known place.
@@ -40,6 +41,7 @@ PROGRESS = os.environ.get("DIST_PROGRESS", "")
 DIGEST = os.environ.get("DIST_DIGEST", "")
 PER_RANK = os.environ.get("DIST_PER_RANK", "1") == "1"
 HANG = os.environ.get("DIST_HANG", "")
+FSDP = os.environ.get("DIST_FSDP", "") == "1"
 INPUTS, SAMPLES, BATCH = 8, 48, 8
 
 
@@ -61,9 +63,7 @@ FINAL: list[State] = []
 def init() -> State:
     rank = dist.get_rank() if PER_RANK else 0
     torch.manual_seed(7)
-    model = nn.parallel.DistributedDataParallel(
-        nn.Sequential(nn.Linear(INPUTS, 16), nn.ReLU(), nn.Linear(16, 1))
-    )
+    model = _wrapped(nn.Sequential(nn.Linear(INPUTS, 16), nn.ReLU(), nn.Linear(16, 1)))
     random.seed(100 + rank)
     np.random.seed(100 + rank)
     torch.manual_seed(100 + rank)
@@ -78,6 +78,18 @@ def init() -> State:
     state.data = data
     FINAL[:] = [state]
     return state
+
+
+def _wrapped(model: nn.Module) -> nn.Module:
+    """DDP, or FSDP2 (each layer and the whole sharded) where DIST_FSDP=1."""
+    if not FSDP:
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
 
 
 @resumable.step(init=init, steps=STEPS, every=EVERY)
@@ -111,6 +123,9 @@ def digest(state: State) -> dict[str, str]:
         hashed = hashlib.sha256()
         for part in parts:
             if isinstance(part, torch.Tensor):
+                # An FSDP shard: this rank's own piece.
+                if hasattr(part, "to_local"):
+                    part = part.to_local()
                 hashed.update(
                     part.detach()
                     .contiguous()
