@@ -28,6 +28,7 @@ from resumable._snapshot import (
     ObjectInfo,
     Payload,
     check_compatible,
+    check_world_size,
     checksum,
     current_versions,
     new_snapshot_name,
@@ -98,6 +99,8 @@ class Archive:
         self.lease = lease
         # Snapshots that failed verification in this process; retention skips them.
         self.damaged: set[str] = set()
+        # The processes of this run (torchrun's world size).
+        self.world_size = 1
 
     def listing(self) -> list[Listed]:
         """Return every committed snapshot, newest first by commit generation."""
@@ -171,6 +174,14 @@ class Archive:
                 continue
             try:
                 check_compatible(entry.manifest, self.program, schema)
+                if check_world_size(entry.manifest, self.world_size):
+                    logger.info(
+                        "re-laid out: snapshot=%s, world_size=%d, now=%d, "
+                        "state=replicated",
+                        entry.name,
+                        entry.manifest.world_size,
+                        self.world_size,
+                    )
                 return self.read(entry.manifest, place)
             except SnapshotCorruptError as err:
                 logger.warning("snapshot skipped: name=%s, reason=%s", entry.name, err)
@@ -291,6 +302,12 @@ class Archive:
         self.storage.commit(name, manifest.to_bytes())
 
         return manifest
+
+    def commit_parts(self, manifest: Manifest) -> None:
+        """Commit a snapshot whose parts every rank wrote (see ``_parts``)."""
+        self._check_lease("commit", manifest.name)
+        # Invariant: the manifest is written last, after every part is durable.
+        self.storage.commit(manifest.name, manifest.to_bytes())
 
     def _write_objects(
         self,

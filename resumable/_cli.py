@@ -26,6 +26,7 @@ from resumable._knobs import (
     env_int,
     env_json_object,
     env_str,
+    launched_rank,
 )
 from resumable._loading import list_snapshots
 from resumable._progress import ProgressDisplay
@@ -35,6 +36,7 @@ from resumable._signals import SignalCatcher, StopRequest, parse_signals
 from resumable._step import SCRIPT_MODULE, Step, check_signals
 from resumable.errors import (
     ConfigurationError,
+    RankLostError,
     ResumableError,
     SnapshotError,
     StateDefinitionError,
@@ -51,6 +53,7 @@ EXIT_USAGE = 2
 EXIT_USER_CODE = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_STORAGE = 5
+EXIT_RANK_LOST = 6
 
 _USAGE = """\
 python -m resumable SCRIPT[:STEP] [options] [-- SCRIPT-ARGS]
@@ -60,7 +63,8 @@ _EPILOG = """\
 exit codes: 0 finished, 1 preempted or superseded by a newer start of the same
 run (run the same command again), 2 usage error,
 3 the script raised, 4 do not retry: incompatible snapshots or no progress,
-5 storage failure"""
+5 storage failure, 6 another rank of a torchrun job died or hung (run the job
+again)"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             arguments=tuple(script_args),
             storage_options=options.storage_option,
         )
-        progress = ProgressDisplay(sys.stderr)
+        progress = None if _rank() else ProgressDisplay(sys.stderr)
         result = run_with(step, settings, progress=progress, stop=stop)
         # The outcome is decided: a signal while the interpreter exits changes
         # nothing, and must not turn it into a kill.
@@ -364,6 +368,8 @@ def _report(err: ResumableError) -> int:
         return EXIT_USAGE
     if isinstance(err, StorageError):
         return EXIT_STORAGE
+    if isinstance(err, RankLostError):
+        return EXIT_RANK_LOST
     if isinstance(err, SnapshotError):
         return EXIT_INCOMPATIBLE
     return EXIT_INCOMPATIBLE
@@ -378,13 +384,26 @@ def _configure_logging(verbosity: int) -> None:
     if verbosity < -1:
         level = logging.ERROR
     handler = logging.StreamHandler(sys.stderr)
+    rank = _rank()
+    name = "resumable" if rank is None else f"resumable[rank {rank}]"
     handler.setFormatter(
-        logging.Formatter("%(asctime)s resumable %(levelname)s %(message)s", "%H:%M:%S")
+        logging.Formatter(f"%(asctime)s {name} %(levelname)s %(message)s", "%H:%M:%S")
     )
+    if rank:
+        # Rank 0 tells the job's story; the others only what went wrong there.
+        level = max(level, logging.WARNING)
     package = logging.getLogger("resumable")
     package.handlers[:] = [handler]
     package.setLevel(level)
     package.propagate = False
+
+
+def _rank() -> int | None:
+    """This process's rank under torchrun, or None where it runs alone."""
+    launched = launched_rank()
+    if launched is None:
+        return None
+    return launched[0] if launched[1] > 1 else None
 
 
 def _time(timestamp: float) -> str:

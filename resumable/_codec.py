@@ -21,6 +21,7 @@ import cloudpickle
 import numpy as np
 import torch
 
+from resumable._dtensor import local_shard, sharded_like
 from resumable.errors import (
     IncompatibleSnapshotError,
     ResumableError,
@@ -166,7 +167,7 @@ class Encoder:
             "requires_grad": [p.requires_grad for p in inner.parameters()],
         }
         if self._grads:
-            grads = {name: p.grad for name, p in inner.named_parameters()}
+            grads = {name: local_shard(p.grad) for name, p in inner.named_parameters()}
             node["grads"] = self.encode(grads, f"{path} gradients")
         return node
 
@@ -346,6 +347,8 @@ class Decoder:
         grads = self.decode(node, None, f"{path} gradients")
         for name, grad in grads.items():
             parameter = parameters[name]
+            if grad is not None and local_shard(parameter) is not parameter:
+                grad = sharded_like(parameter, grad)
             if grad is None:
                 parameter.grad = None
             elif parameter.grad is not None and parameter.grad.shape == grad.shape:

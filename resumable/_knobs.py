@@ -111,6 +111,31 @@ UPLOAD_CONCURRENCY = ENV_PREFIX + "UPLOAD_CONCURRENCY"
 # 0 writes every snapshot in the training loop's time; 1 (the default) writes those
 # of the cadence in the background.
 BACKGROUND = ENV_PREFIX + "BACKGROUND"
+# Under torchrun: seconds a rank waits for the others at a safe point, and around
+# storage (a snapshot's write, a resume), before it reports them lost.
+DIST_TIMEOUT = ENV_PREFIX + "DIST_TIMEOUT"
+DIST_IO_TIMEOUT = ENV_PREFIX + "DIST_IO_TIMEOUT"
+# Under torchrun: 1 (the default) lays DDP's gradient buckets out in parameter
+# order before the first step, so that a resume reduces bit-identically; 0 keeps
+# DDP's own layout (bit-identical resumes with 2 ranks only).
+DIST_PIN_BUCKETS = ENV_PREFIX + "DIST_PIN_BUCKETS"
+# What torchrun sets for each process it starts.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_rank() -> tuple[int, int] | None:
+    """Return (rank, world size) as torchrun set them, or None where it did not."""
+    if not all(os.environ.get(name) for name in LAUNCH_VARIABLES):
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        return None
+
+
+def local_rank() -> int:
+    """Return torchrun's LOCAL_RANK, the GPU of this process; 0 where unset."""
+    return int(os.environ.get("LOCAL_RANK") or 0)
 
 
 def env_json_object(name: str) -> dict[str, Any] | None:

@@ -54,6 +54,8 @@ class Preemption:
         # None means at the end of the step, loop None in any loop.
         self.simulate: tuple[int, int | None, int | None] | None = None
         self.preempted = False
+        # The rank whose stop request this one follows, where another rank's.
+        self.peer: int | None = None
 
     def __enter__(self) -> Preemption:
         self._catcher.install()
@@ -90,6 +92,11 @@ class Preemption:
         if (at_step, at_item) == (index, item) and at_loop in (None, loop):
             self.stop.request(None)
 
+    def stop_for_rank(self, rank: int) -> None:
+        """Stop because rank ``rank`` of the job asked to; the grace runs from now."""
+        self.peer = rank
+        self.stop.arrived(None)
+
     def record_write(self, seconds: float) -> None:
         self._write_seconds = [*self._write_seconds[-4:], seconds]
 
@@ -105,5 +112,5 @@ class Preemption:
 
     def cause(self) -> str:
         if self.stop.signal is None:
-            return "simulated"
+            return "simulated" if self.peer is None else f"rank {self.peer}"
         return signal.Signals(self.stop.signal).name

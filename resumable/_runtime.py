@@ -8,15 +8,16 @@ and the storage.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import attrs
 
-from resumable._archive import Archive, Listed, Loaded
+from resumable._archive import Archive
+from resumable._ddp import pin_buckets
+from resumable._distributed import Group, joined
 from resumable._iterate import (
     Position,
     Preempted,
@@ -26,28 +27,24 @@ from resumable._iterate import (
     shut_down_workers,
 )
 from resumable._lease import Lease
+from resumable._parts import check_shared_storage
 from resumable._preemption import Preemption
+from resumable._resume import Resuming
 from resumable._rng import find_generators
-from resumable._saving import Saver, describe_inside
+from resumable._saving import Saver
 from resumable._settings import Settings
 from resumable._signals import StopRequest
-from resumable._snapshot import Manifest, new_lineage, parse_snapshot_name
-from resumable._space import check_room
+from resumable._snapshot import new_lineage
 from resumable._state import (
     Metrics,
     check_capturable,
+    check_metrics,
     check_state,
-    decode_resume,
-    decode_snapshot,
-    place_snapshot,
-    schema,
 )
 from resumable._step import Step
 from resumable._storage import Storage
 from resumable.errors import (
     ConfigurationError,
-    IncompatibleSnapshotError,
-    SnapshotError,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,14 +143,18 @@ def run_with(
     stop: StopRequest | None = None,
 ) -> Result[StateT]:
     """Run with resolved settings; ``stop`` carries a request made before the run."""
-    backend = Storage.open(settings.storage, settings.storage_options)
-    backend.check_writable()
-    runtime = Runtime(step, settings, backend, progress, stop)
+    with joined() as group:
+        if group is not None and settings.background:
+            # Every rank's part must be durable before rank 0 commits: the
+            # parts are written in the loop's time (see the README's Limitations).
+            settings = attrs.evolve(settings, background=False)
+        backend = Storage.open(settings.storage, settings.storage_options)
+        backend.check_writable()
+        runtime = Runtime(step, settings, backend, progress, stop, group)
+        return runtime.run()
 
-    return runtime.run()
 
-
-class Runtime(Generic[StateT]):
+class Runtime(Resuming[StateT]):
     """One run of a step on one storage."""
 
     def __init__(
@@ -163,12 +164,16 @@ class Runtime(Generic[StateT]):
         storage: Storage,
         progress: Progress | None = None,
         stop: StopRequest | None = None,
+        group: Group | None = None,
     ) -> None:
         self.step = step
+        # The job's ranks where it runs as many processes (torchrun), else None.
+        self.group = group
         self.settings = settings
         # This process's incarnation of the run: its claim fences older ones.
         self.lease = Lease(storage)
         self.archive = Archive(storage, step.program, self.lease)
+        self.archive.world_size = group.world_size if group else 1
         self.progress = progress
         self.preemption = Preemption(settings, stop)
         # The start marker this run wrote into the snapshot it resumed from.
@@ -179,7 +184,9 @@ class Runtime(Generic[StateT]):
         self.generation = 0
         self.lineage_start = 1
         # Writes the snapshots, in the background or at once.
-        self.saver = Saver(self.archive, settings, self.preemption)
+        self.saver = Saver(self.archive, settings, self.preemption, group)
+        # The snapshot this run resumed from, where it resumed.
+        self.loaded_name: str | None = None
         # Whether the step's body has run resumable.iterate loops (None before
         # the first step): then the RNG states at each step's start are kept.
         self.loops_seen: bool | None = None
@@ -225,10 +232,17 @@ class Runtime(Generic[StateT]):
             settings.keep,
         )
         self.step.expose_script()
+        if self.group is not None:
+            logger.info(
+                "ranks joined: world_size=%d, storage shared", self.group.world_size
+            )
+            check_shared_storage(self.archive, self.group)
         with self.preemption, _workers_shut_down(), self.saver.running():
             state = self.step.init()
             check_state(state, f"init() of {self.step.program}")
-            done, history, replay = self._resume(state)
+            done, history, replay = self._resume_ranks(state)
+            if self.group is not None:
+                pin_buckets(state)
             self.preemption.state_bytes = check_capturable(state)
             if done >= settings.steps and replay is None:
                 logger.info(
@@ -248,142 +262,6 @@ class Runtime(Generic[StateT]):
 
         return result
 
-    def _resume(self, state: StateT) -> tuple[int, list[Metrics | None], Replay | None]:
-        listing = self.archive.listing()
-        self.archive.check_foreign(listing)
-        self.generation = max((entry.order[0] for entry in listing), default=0)
-        self.lineage_start = self.generation + 1
-        for name in self.archive.storage.unrecognised():
-            logger.warning("unrecognised entry left alone: name=%s", name)
-        if self.settings.fresh and listing:
-            logger.warning(
-                "fresh start: ignoring %d snapshots, retention deletes them",
-                len(listing),
-            )
-        loaded = None
-        if not self.settings.fresh:
-            place = functools.partial(place_snapshot, state)
-            loaded = self.archive.newest_verified(listing, schema(state), place)
-        if loaded is not None:
-            self._check_arguments(loaded.manifest)
-            self.lineage = loaded.manifest.lineage
-            self.lineage_start = loaded.manifest.lineage_start
-        elif not self.settings.fresh:
-            self.lineage = self.archive.first_lineage()
-        self._report_attempts()
-        if loaded is None:
-            self.lease.claim()
-            loaded = self._committed_meanwhile(state, None)
-        if loaded is None:
-            return 0, [], None
-        return self._restore(state, loaded)
-
-    def _restore(
-        self, state: StateT, loaded: Loaded
-    ) -> tuple[int, list[Metrics | None], Replay | None]:
-        manifest = loaded.manifest
-        history = decode_snapshot(state, loaded.tree, loaded.buffers)
-        if not self.lease.number:
-            # After every check, so that a refused start leaves nothing behind;
-            # before anything is deleted or committed.
-            self.lease.claim()
-            newer = self._committed_meanwhile(state, loaded)
-            if newer is not None:
-                loaded = newer
-                manifest = loaded.manifest
-                history = decode_snapshot(state, loaded.tree, loaded.buffers)
-        # A run that ends without another commit still leaves the storage tidy;
-        # and a lowered --keep makes room before anything is written.
-        self.archive.remove_abandoned(self.lineage, self.generation)
-        self.archive.prune(self.settings.keep)
-        if manifest.step < self.settings.steps or manifest.inside_step:
-            check_room(self.archive.storage, manifest)
-            marker = self.archive.record_start(manifest, self.settings.max_attempts)
-            self.start_marker = (manifest.name, marker)
-        if manifest.write_seconds is not None:
-            self.preemption.record_write(manifest.write_seconds)
-        logger.info(
-            "resumed: step=%d%s, snapshot=%s, storage=%s",
-            manifest.step,
-            describe_inside(manifest.inside_step),
-            manifest.name,
-            self.settings.storage,
-        )
-        self.saver.saved_at = manifest.step
-        point = decode_resume(loaded.tree, loaded.buffers)
-        if point is None:
-            return manifest.step, history, None
-
-        def restore_again() -> None:
-            decode_snapshot(state, loaded.tree, loaded.buffers)
-
-        position = Position(point["loop"], point["item"])
-        return manifest.step, history, Replay(position, point["rngs"], restore_again)
-
-    def _committed_meanwhile(
-        self, state: StateT, loaded: Loaded | None
-    ) -> Loaded | None:
-        """
-        Return a snapshot newer than ``loaded`` that an older incarnation
-        committed before this one's claim fenced it, or None.
-
-        Also counts those commits, so that this run's come after them.
-        """
-        listing = self.archive.listing()
-        self.generation = max([self.generation, *(e.order[0] for e in listing)])
-        if loaded is not None:
-            # Only those newer than the one loaded, and not found damaged yet.
-            seen = Listed(loaded.manifest.name, loaded.manifest).order
-            listing = [
-                entry
-                for entry in listing
-                if entry.order > seen
-                and entry.manifest is not None
-                and entry.name not in self.archive.damaged
-            ]
-        if self.settings.fresh or not listing:
-            return None
-        try:
-            newer = self.archive.newest_verified(listing, schema(state))
-        except SnapshotError:
-            # The newer ones are damaged or foreign: the one loaded stands.
-            return None
-        if newer is None:
-            return None
-        self._check_arguments(newer.manifest)
-        self.lineage = newer.manifest.lineage
-        self.lineage_start = newer.manifest.lineage_start
-        logger.info(
-            "newer snapshot committed before the claim: snapshot=%s, step=%d",
-            newer.manifest.name,
-            newer.manifest.step,
-        )
-        return newer
-
-    def _check_arguments(self, manifest: Manifest) -> None:
-        given, saved = self.settings.arguments, manifest.arguments
-        if given is None or saved is None or list(given) == saved:
-            return
-        msg = (
-            f"Snapshot {manifest.name} comes from a run with script arguments "
-            f"{saved}, and this one has {list(given)}. Run the same command to "
-            "resume, or start over with --fresh (or another --storage)."
-        )
-        raise IncompatibleSnapshotError(msg)
-
-    def _report_attempts(self) -> None:
-        mine, foreign = self.archive.attempts(self.lineage)
-        for name in mine:
-            logger.info(
-                "incomplete snapshot ignored: name=%s, step=%s",
-                name,
-                parse_snapshot_name(name),
-            )
-        for name in foreign:
-            logger.warning(
-                "uncommitted folder not of this run left alone: name=%s", name
-            )
-
     def _run_steps(
         self,
         state: StateT,
@@ -393,15 +271,17 @@ class Runtime(Generic[StateT]):
     ) -> int:
         settings = self.settings
         generators = find_generators(state)
+        first = True
         while done < settings.steps:
-            if self.preemption.requested:
+            # With many ranks, the agreement after each step covers this one.
+            if (first or self.group is None) and self._stop_agreed():
                 self._stop_between_steps(state, done, history)
                 return done
             try:
                 metrics = self._run_one_step(state, done, history, generators, replay)
             except Preempted:
                 return done
-            replay = None
+            replay, first = None, False
             history.append(metrics)
             done += 1
             self.lease.check_now_and_then("train on")
@@ -413,7 +293,7 @@ class Runtime(Generic[StateT]):
                 self.saver.flush()
             if self.progress is not None:
                 self.progress(done, settings.steps, history[-1])
-            if self.preemption.requested:
+            if self._stop_agreed():
                 self._stop_between_steps(state, done, history)
                 return done
             if due:
@@ -438,7 +318,7 @@ class Runtime(Generic[StateT]):
 
         def safe_point(context: StepContext, position: Position) -> None:
             self.preemption.check_simulated(index, position.loop, position.item)
-            if self.preemption.requested:
+            if self._stop_agreed():
                 self._stop_inside_step(state, context, position, history)
 
         context = StepContext(
@@ -451,7 +331,7 @@ class Runtime(Generic[StateT]):
         returned = run_in_context(context, lambda: self.step(state, index))
         # Once a step has used loops, every later step keeps its start's RNGs.
         self.loops_seen = bool(self.loops_seen) or context.used_loops
-        metrics = _check_metrics(returned, index)
+        metrics = check_metrics(returned, index)
         self.preemption.check_simulated(index, None, None)
         logger.debug(
             "step done: step=%d, seconds=%.3f, metrics=%s",
@@ -460,6 +340,20 @@ class Runtime(Generic[StateT]):
             metrics,
         )
         return metrics
+
+    def _stop_agreed(self) -> bool:
+        """
+        Say whether to stop here; with many ranks, every rank says the same, at
+        the cost of one small all-reduce.
+        """
+        requested = self.preemption.requested
+        if self.group is None:
+            return requested
+        asking = self.group.agree_stop(requested)
+        if asking is not None and not requested:
+            self.preemption.stop_for_rank(asking)
+
+        return asking is not None
 
     def _stop_between_steps(
         self, state: StateT, done: int, history: list[Metrics | None]
@@ -523,6 +417,8 @@ class Runtime(Generic[StateT]):
         resume: dict[str, Any] | None,
     ) -> str:
         fits, reason = self.preemption.write_fits()
+        if self.group is not None and not self.group.all_agree(fits, "the budget"):
+            fits, reason = False, f"{reason}, on this rank or another"
         if not fits:
             logger.warning(
                 "final snapshot skipped: %s; the newest committed one stays", reason
@@ -557,31 +453,3 @@ def _workers_shut_down() -> Iterator[None]:
         yield
     finally:
         shut_down_workers()
-
-
-def _check_metrics(metrics: object, index: int) -> Metrics | None:
-    if metrics is None:
-        return None
-    if not isinstance(metrics, Mapping):
-        msg = (
-            f"Step {index} returned a {type(metrics).__name__}; a step returns None "
-            "or a dict of metric names to numbers."
-        )
-        raise ConfigurationError(msg)
-    checked = {}
-    for key, value in metrics.items():
-        # A loss tensor still attached to its graph warns when turned into a float.
-        detach = getattr(value, "detach", None)
-        try:
-            if isinstance(value, str | bytes):
-                raise TypeError
-            number = float(detach() if callable(detach) else value)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            msg = (
-                f"Step {index} returned metric {key!r} = {value!r}; metric values "
-                "must be numbers (a float, an int or a one-element tensor)."
-            )
-            raise ConfigurationError(msg) from None
-        checked[str(key)] = number
-
-    return checked

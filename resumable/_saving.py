@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from resumable._archive import Archive
+from resumable._distributed import Group
+from resumable._parts import write_parts
 from resumable._preemption import Preemption
 from resumable._settings import Settings
 from resumable._snapshot import Payload
@@ -38,9 +40,16 @@ class Saver:
     """The snapshot writes of one run, and the one in flight in the background."""
 
     def __init__(
-        self, archive: Archive, settings: Settings, preemption: Preemption
+        self,
+        archive: Archive,
+        settings: Settings,
+        preemption: Preemption,
+        group: Group | None = None,
     ) -> None:
         self.archive = archive
+        # The job's ranks, where there are several: they write parts, in the
+        # loop's time, and rank 0 commits.
+        self.group = group
         self.settings = settings
         self.preemption = preemption
         self.stager = Stager()
@@ -183,15 +192,22 @@ class Saver:
         content: tuple[dict[str, Any], list[Any]] | Payload,
     ) -> None:
         arguments = self.settings.arguments
+        listed = None if arguments is None else list(arguments)
         with self.preemption.deferred():
-            manifest = self.archive.write(
-                done,
-                lineage,
-                state_schema,
-                content,
-                inside,
-                None if arguments is None else list(arguments),
-            )
+            if self.group is not None:
+                assert not isinstance(content, Payload)  # never staged
+                details = {
+                    "schema": state_schema,
+                    "inside_step": inside,
+                    "arguments": listed,
+                }
+                manifest = write_parts(
+                    self.archive, self.group, done, lineage, content, details
+                )
+            else:
+                manifest = self.archive.write(
+                    done, lineage, state_schema, content, inside, listed
+                )
         seconds = time.perf_counter() - started
         self.preemption.record_write(seconds)
         self.saved_at = done if inside is None else None
@@ -203,8 +219,9 @@ class Saver:
             seconds,
             manifest.name,
         )
-        self.archive.remove_abandoned(lineage[0], lineage[1])
-        self.archive.prune(self.settings.keep)
+        if self.group is None or self.group.leads:
+            self.archive.remove_abandoned(lineage[0], lineage[1])
+            self.archive.prune(self.settings.keep)
 
 
 def _out_of_memory(err: BaseException) -> bool:

@@ -22,8 +22,11 @@ import xxhash
 
 from resumable.errors import IncompatibleSnapshotError, SnapshotCorruptError
 
-# Bumped on any change a reader of an older version would misread.
-FORMAT_VERSION = 1
+# Bumped on any change a reader of an older version would misread: the newest
+# this library reads. Snapshots of one process are still written as version 1.
+FORMAT_VERSION = 2
+# The version of snapshots of many processes, that older readers must refuse.
+RANKS_FORMAT_VERSION = 2
 # Suffix of the file whose presence commits a snapshot.
 MANIFEST_SUFFIX = ".manifest.json"
 # The tree of the state, with JSON values inline and references into the data object.
@@ -51,6 +54,11 @@ ALIGNMENT = 64
 # Largest piece of a staged data object handed to the storage at once: hashing one
 # holds the GIL (xxhash does not release it) for about a millisecond at most.
 PIECE_BYTES = 8 * 2**20
+
+# Objects of the part of rank N > 0 of a snapshot of many processes; rank 0's part
+# is INDEX_OBJECT and DATA_OBJECT, holding every buffer replicated on all ranks.
+RANK_INDEX_OBJECT = "index-rank{rank:05d}.json"
+RANK_DATA_OBJECT = "data-rank{rank:05d}.bin"
 
 _NAME = re.compile(r"step-([0-9]{9,})-([0-9a-f]{12})")
 _INCARNATION = re.compile(r"incarnation-([0-9]{9,})\.json")
@@ -136,7 +144,11 @@ class Manifest:
     # The number of the incarnation that committed it: orders equal generations.
     incarnation: int = 0
     versions: dict[str, str] = attrs.Factory(dict)
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
+    # The processes that wrote it, one part each (see RANK_INDEX_OBJECT).
+    world_size: int = 1
+    # Whether every rank's part equals rank 0's: any world size can load it.
+    replicated: bool = False
     checksum_algorithm: str = CHECKSUM_ALGORITHM
 
     @property
@@ -207,6 +219,8 @@ def _manifest_from_record(record: Mapping[str, Any]) -> Manifest:
         incarnation=int(record.get("incarnation", 0)),
         versions={str(k): str(v) for k, v in record["versions"].items()},
         format_version=int(record["format_version"]),
+        world_size=int(record.get("world_size", 1)),
+        replicated=bool(record.get("replicated", False)),
         checksum_algorithm=str(record["checksum_algorithm"]),
     )
 
@@ -246,6 +260,8 @@ def _check_manifest(manifest: Manifest, name: str) -> None:
             problems.append(f"object name {object_name!r} is not a plain file name")
         if info.size < 0:
             problems.append(f"object {object_name!r} has negative size")
+    if manifest.world_size < 1:
+        problems.append(f"world size {manifest.world_size} is below 1")
     for required in (INDEX_OBJECT, DATA_OBJECT):
         if required not in manifest.objects:
             problems.append(f"object {required!r} is missing")
@@ -277,6 +293,37 @@ def check_compatible(
             "--fresh, or use another --storage."
         )
         raise IncompatibleSnapshotError(msg)
+
+
+def part_objects(rank: int) -> tuple[str, str]:
+    """Return the index and data objects of ``rank``'s part of a snapshot."""
+    if rank == 0:
+        return INDEX_OBJECT, DATA_OBJECT
+    return RANK_INDEX_OBJECT.format(rank=rank), RANK_DATA_OBJECT.format(rank=rank)
+
+
+def check_world_size(manifest: Manifest, world_size: int) -> bool:
+    """
+    Say whether a snapshot of another world size is loaded re-laid out (all its
+    state is replicated: every rank reads rank 0's part); False where the sizes
+    are equal.
+
+    Raises:
+        IncompatibleSnapshotError: The world sizes differ and the snapshot holds
+            per-rank state.
+    """
+    if manifest.world_size == world_size:
+        return False
+    if manifest.replicated:
+        return True
+    msg = (
+        f"Snapshot {manifest.name} was written by {manifest.world_size} processes "
+        f"and this run has {world_size}; it holds per-rank state (RNG streams, "
+        "data positions or shards) that cannot be re-laid out. Resume with "
+        f"--nproc-per-node (or nodes) giving {manifest.world_size} processes, or "
+        "start over with --fresh or another --storage."
+    )
+    raise IncompatibleSnapshotError(msg)
 
 
 def describe_schema_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

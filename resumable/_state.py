@@ -7,7 +7,7 @@ history; ``_codec`` does the encoding of each value.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -21,7 +21,11 @@ from resumable._codec import (
 )
 from resumable._placement import find_places
 from resumable._rng import capture_global_rngs, restore_global_rngs
-from resumable.errors import IncompatibleSnapshotError, StateDefinitionError
+from resumable.errors import (
+    ConfigurationError,
+    IncompatibleSnapshotError,
+    StateDefinitionError,
+)
 
 Metrics = dict[str, float]
 
@@ -171,3 +175,32 @@ def check_capturable(state: Any) -> int:
         msg = f"Capturing the state failed: {type(err).__name__}: {err}"
         raise StateDefinitionError(msg) from err
     return sum(size for size in buffers if isinstance(size, int))
+
+
+def check_metrics(metrics: object, index: int) -> Metrics | None:
+    """Check what a step returned: None, or a dict of metric names to numbers."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        msg = (
+            f"Step {index} returned a {type(metrics).__name__}; a step returns None "
+            "or a dict of metric names to numbers."
+        )
+        raise ConfigurationError(msg)
+    checked = {}
+    for key, value in metrics.items():
+        # A loss tensor still attached to its graph warns when turned into a float.
+        detach = getattr(value, "detach", None)
+        try:
+            if isinstance(value, str | bytes):
+                raise TypeError
+            number = float(detach() if callable(detach) else value)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            msg = (
+                f"Step {index} returned metric {key!r} = {value!r}; metric values "
+                "must be numbers (a float, an int or a one-element tensor)."
+            )
+            raise ConfigurationError(msg) from None
+        checked[str(key)] = number
+
+    return checked

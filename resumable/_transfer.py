@@ -77,9 +77,11 @@ def read_checksummed(
     algorithm: str,
     table: Sequence[Sequence[int]],
     places: Places,
+    object_name: str = DATA_OBJECT,
 ) -> list[memoryview]:
     """
-    Read the data object into its buffers, checking its size and checksum.
+    Read a data object (``data.bin``, or a rank's part) into its buffers,
+    checking its size and checksum.
 
     ``places`` holds, for each buffer of ``table``, the writable view its bytes
     go to, or None for memory of its own. Their bytes count only once this
@@ -95,10 +97,11 @@ def read_checksummed(
     if not _in_order(table, info.size):
         # Not the layout this library writes: one piece, then checked views.
         data = memoryview(bytearray(info.size))
-        _read(storage, snapshot, info, algorithm, [data])
+        _read(storage, snapshot, info, algorithm, [data], object_name)
         return buffer_views(data, table)
     buffers = _destinations(table, places)
-    _read(storage, snapshot, info, algorithm, _front_to_back(table, buffers, info))
+    regions = _front_to_back(table, buffers, info)
+    _read(storage, snapshot, info, algorithm, regions, object_name)
 
     return buffers
 
@@ -156,13 +159,14 @@ def _read(
     info: ObjectInfo,
     algorithm: str,
     regions: list[memoryview],
+    object_name: str,
 ) -> None:
     found = storage.read_through(
-        snapshot, DATA_OBJECT, functools.partial(_hash_read, regions, algorithm, info)
+        snapshot, object_name, functools.partial(_hash_read, regions, algorithm, info)
     )
     if found != info.checksum:
         msg = (
-            f"object {DATA_OBJECT} has checksum {found}, the manifest says "
+            f"object {object_name} has checksum {found}, the manifest says "
             f"{info.checksum} (damaged bytes)"
         )
         raise SnapshotCorruptError(msg)

@@ -11,7 +11,8 @@ Public exception tree of resumable.
     │   ├── NoSnapshotError (LookupError)     nothing committed to load
     │   └── NoProgressError (RuntimeError)    restarted too often from one snapshot
     ├── StorageError (OSError)                storage unreachable, failing or full
-    └── SupersededError (RuntimeError)        a newer incarnation took over the run
+    ├── SupersededError (RuntimeError)        a newer incarnation took over the run
+    └── RankLostError (RuntimeError)          another rank of the job died or hangs
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "IncompatibleSnapshotError",
     "NoProgressError",
     "NoSnapshotError",
+    "RankLostError",
     "ResumableError",
     "SnapshotCorruptError",
     "SnapshotError",
@@ -72,4 +74,12 @@ class SupersededError(ResumableError, RuntimeError):
 
     Raised instead of a commit or a deletion, so that a process still inside its
     grace period never writes over its replacement's snapshots.
+    """
+
+
+class RankLostError(ResumableError, RuntimeError):
+    """
+    Another process of a torchrun job died, hung or failed; nothing was committed.
+
+    Raised within a bounded time instead of waiting in a collective for ever.
     """

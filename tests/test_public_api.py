@@ -87,6 +87,7 @@ def test_package_exports_the_documented_api():
         "IncompatibleSnapshotError",
         "NoProgressError",
         "NoSnapshotError",
+        "RankLostError",
         "Result",
         "ResumableError",
         "SnapshotCorruptError",
@@ -172,6 +173,7 @@ def test_docstring_tree_is_the_documented_one():
         "NoProgressError": ("SnapshotError", "RuntimeError"),
         "StorageError": ("ResumableError", "OSError"),
         "SupersededError": ("ResumableError", "RuntimeError"),
+        "RankLostError": ("ResumableError", "RuntimeError"),
     }
 
     assert expected == drawn_tree()
@@ -201,6 +203,7 @@ def test_error_class_inherits_its_parent_and_builtin_as_drawn(name):
         ("NoProgressError", RuntimeError),
         ("StorageError", OSError),
         ("SupersededError", RuntimeError),
+        ("RankLostError", RuntimeError),
     ],
 )
 def test_error_can_be_caught_as_its_builtin(name, builtin):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import resumable
-from resumable import _runtime, testing
+from resumable import _resume, testing
 from resumable._archive import Archive, Loaded
 from resumable._snapshot import DATA_OBJECT, INDEX_OBJECT, Manifest
 from resumable._state import (
@@ -289,7 +289,7 @@ def test_runtime_resume_reads_into_what_init_built(
         placed.append(sum(place is not None for place in places))
         return places
 
-    monkeypatch.setattr(_runtime, "place_snapshot", counting)
+    monkeypatch.setattr(_resume, "place_snapshot", counting)
     result = resumable.run(moving_train, storage=storage_url, steps=3)
 
     # The weights and momentum, and the global torch RNG's state is not placed.

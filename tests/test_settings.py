@@ -138,9 +138,9 @@ def test_run_passes_the_options_on(monkeypatch):
     seen: list[Settings] = []
     original = _runtime.Runtime.__init__
 
-    def spy(self, step, settings, storage, progress=None, stop=None):
+    def spy(self, step, settings, storage, progress=None, stop=None, group=None):
         seen.append(settings)
-        original(self, step, settings, storage, progress, stop)
+        original(self, step, settings, storage, progress, stop, group)
 
     monkeypatch.setattr(_runtime.Runtime, "__init__", spy)
     resumable.run(
