@@ -12,15 +12,14 @@ all-reduce, shown beside a bare gloo all-reduce of one number. Per snapshot: the
 loop's stall for a blocking snapshot of a --mib MiB state (16 float32 tensors),
 equal on every rank (as DDP's parameters are, written once by rank 0) or
 different on each (each rank writes its own), and the bytes written by all ranks
-together. Figures are rank 0's (the ranks move in step); --repeat is the rounds
-of steps and the snapshots timed; snapshots are written under --folder.
+together. One process and the ranks take turns, --repeat runs each; figures are
+rank 0's (the ranks move in step); snapshots are written under --folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import socket
@@ -47,6 +46,8 @@ STARTS: list[float] = []
 ENDS: list[float] = []
 # A worker's figures come back to the launcher on this line of its stdout.
 RESULT = "bench_dist result: "
+# Snapshots timed in each run, after one left out (the first write is slow).
+SNAPSHOTS = 2
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--mib", type=float, default=128)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds, snapshots")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each")
     parser.add_argument("--folder", default=os.getcwd())
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -64,22 +65,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_machine(options.folder)
     print(
         f"{options.ranks} gloo ranks on 127.0.0.1; {options.steps} steps; "
-        f"snapshots of {options.mib:g} MiB, {options.repeat} timed"
+        f"snapshots of {options.mib:g} MiB; {options.repeat} runs each, "
+        f"{SNAPSHOTS} snapshots timed per run"
     )
+    runs: dict[int, list[dict[str, Any]]] = {1: [], options.ranks: []}
     with tempfile.TemporaryDirectory(dir=options.folder) as folder:
-        single = launch(options, folder, 1)
-        many = launch(options, folder, options.ranks)
+        # One process and the ranks take turns, so that a burst of load on the
+        # shared machine, or a slow disk, hits both.
+        for attempt in range(options.repeat):
+            for ranks, results in runs.items():
+                where = os.path.join(folder, f"ranks-{ranks}-{attempt}")
+                results.append(launch(options, where, ranks))
+    single, many = merged(runs[1]), merged(runs[options.ranks])
     report_steps(single, many, options.ranks)
     report_snapshots(single, many, options)
 
 
-def launch(options: argparse.Namespace, folder: str, ranks: int) -> dict[str, Any]:
-    """Run the measurements in ``ranks`` new processes; return rank 0's figures."""
-    where = os.path.join(folder, f"ranks-{ranks}")
+def launch(options: argparse.Namespace, where: str, ranks: int) -> dict[str, Any]:
+    """Measure once in ``ranks`` new processes; return rank 0's figures."""
     os.makedirs(where)
     command = [sys.executable, __file__, "--worker", "--folder", where]
     command += ["--steps", str(options.steps), "--mib", str(options.mib)]
-    command += ["--repeat", str(options.repeat)]
     port = str(free_port())
     processes = []
     for rank in range(ranks):
@@ -108,6 +114,19 @@ def launch(options: argparse.Namespace, folder: str, ranks: int) -> dict[str, An
     return json.loads(line[len(RESULT) :])  # type: ignore[no-any-return]
 
 
+def merged(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best µs per step of each loop, and every snapshot's stall, of all runs."""
+    best: dict[str, Any] = {}
+    for name, first in results[0].items():
+        if isinstance(first, float):
+            best[name] = min(result[name] for result in results)
+        else:
+            stalls = [stall for result in results for stall in result[name]["stalls"]]
+            best[name] = {"stalls": stalls, "written": first["written"]}
+
+    return best
+
+
 def free_port() -> int:
     """Return a TCP port that is free on 127.0.0.1 now."""
     with socket.socket() as probe:
@@ -131,22 +150,22 @@ def work(options: argparse.Namespace) -> dict[str, Any]:
     if "RANK" in os.environ:
         # Made here, not by the runtime, so that every run below shares it.
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    figures = measure_steps(options.steps, options.repeat, options.folder)
+    figures = measure_steps(options.steps, options.folder)
     seeds = {"replicated": 0}
     if dist.is_initialized():
         seeds["per rank"] = dist.get_rank()
     for name, seed in seeds.items():
         state = Flat(flat_tensors(options.mib, 16, seed))
         folder = os.path.join(options.folder, name.replace(" ", "-"))
-        figures[name] = measure_snapshots(state, options.repeat, folder)
+        figures[name] = measure_snapshots(state, folder)
     if dist.is_initialized():
         dist.destroy_process_group()
 
     return figures
 
 
-def measure_steps(steps: int, rounds: int, folder: str) -> dict[str, Any]:
-    """Return µs per step, the best of ``rounds``: plain, resumable, all-reduce."""
+def measure_steps(steps: int, folder: str) -> dict[str, Any]:
+    """Return µs per step: the plain loop, resumable's two steps, an all-reduce."""
 
     @resumable.step(init=Counter, steps=steps, every=steps)
     def empty(state: Counter, step: int) -> None:
@@ -159,34 +178,24 @@ def measure_steps(steps: int, rounds: int, folder: str) -> dict[str, Any]:
         for _ in resumable.iterate(range(1)):
             state.count += 1
 
-    def plain() -> None:
-        state = Counter()
-        for step in range(steps):
-            empty(state, step)
-
-    def all_reduce() -> None:
+    STARTS.clear()
+    state = Counter()
+    for step in range(steps):
+        empty(state, step)
+    figures = {"plain": per_step()}
+    for name, step_function in [("empty", empty), ("one item", one_item)]:
+        STARTS.clear()
+        resumable.run(step_function, storage=os.path.join(folder, name))
+        figures[name] = per_step()
+    if dist.is_initialized():
         flag = torch.zeros(1, dtype=torch.int64)
+        STARTS.clear()
         for _ in range(steps):
             STARTS.append(time.perf_counter())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        figures["all-reduce"] = per_step()
 
-    loops = {"plain": plain}
-    for name, step_function in [("empty", empty), ("one item", one_item)]:
-        storage = os.path.join(folder, name.replace(" ", "-"))
-        loops[name] = functools.partial(
-            resumable.run, step_function, storage=storage, fresh=True
-        )
-    if dist.is_initialized():
-        loops["all-reduce"] = all_reduce
-    figures: dict[str, list[float]] = {name: [] for name in loops}
-    # The loops take turns, so that a burst of load on the machine hits all.
-    for _ in range(rounds):
-        for name, loop in loops.items():
-            STARTS.clear()
-            loop()
-            figures[name].append(per_step())
-
-    return {name: min(values) for name, values in figures.items()}
+    return figures
 
 
 def per_step() -> float:
@@ -194,17 +203,17 @@ def per_step() -> float:
     return (STARTS[-1] - STARTS[0]) / (len(STARTS) - 1) * 1e6
 
 
-def measure_snapshots(state: Flat, repeat: int, folder: str) -> dict[str, Any]:
+def measure_snapshots(state: Flat, folder: str) -> dict[str, Any]:
     """Return the loop's stall per blocking snapshot, the first one left out."""
 
-    @resumable.step(init=lambda: state, steps=repeat + 2)
+    @resumable.step(init=lambda: state, steps=SNAPSHOTS + 2)
     def snapshots(state: Flat, step: int) -> None:
         STARTS.append(time.perf_counter())
         ENDS.append(time.perf_counter())
 
     STARTS.clear()
     ENDS.clear()
-    resumable.run(snapshots, storage=folder, every=1, fresh=True, background=False)
+    resumable.run(snapshots, storage=folder, every=1, background=False)
     stalls = [start - end for start, end in zip(STARTS[2:], ENDS[1:-1], strict=True)]
     newest = max(path for path in Path(folder).glob("step-*") if path.is_dir())
     written = sum(path.stat().st_size for path in newest.iterdir())
@@ -223,7 +232,7 @@ def report_steps(single: dict[str, Any], many: dict[str, Any], ranks: int) -> No
         rows.append([f"resumable, {ranks} ranks, {label}", f"{many[name]:.2f}"])
         rows[-1] += [f"{spread:.2f}", f"{spread / alone:.1f}" if alone > 0 else "-"]
         added.append((label, many[name] - single[name]))
-    print("\nper step, best of the rounds")
+    print("\nper step, best of the runs")
     print_table(["loop", "µs per step", "overhead µs", "x 1 process"], rows)
     bare = many["all-reduce"]
     rows = []
