@@ -11,10 +11,17 @@ from typing import Any, TypeVar
 from resumable._archive import Archive, Listed
 from resumable._rng import capture_global_rngs, restore_global_rngs
 from resumable._settings import Settings
+from resumable._snapshot import Manifest, part_objects
 from resumable._state import check_state, decode_snapshot, place_snapshot, schema
 from resumable._step import Step
 from resumable._storage import Storage
-from resumable.errors import NoSnapshotError, SnapshotError, StorageError
+from resumable._transfer import read_checksummed
+from resumable.errors import (
+    NoSnapshotError,
+    SnapshotCorruptError,
+    SnapshotError,
+    StorageError,
+)
 
 StateT = TypeVar("StateT")
 
@@ -70,9 +77,29 @@ def list_snapshots(
         problem = entry.problem
         if entry.manifest is not None:
             try:
-                archive.read(entry.manifest)
+                _verify(archive, entry.manifest)
             except (SnapshotError, StorageError) as err:
                 problem = str(err)
         rows.append((entry, problem))
 
     return rows
+
+
+def _verify(archive: Archive, manifest: Manifest) -> None:
+    """Read every object of a snapshot, each rank's part too, checking checksums."""
+    archive.read(manifest)
+    for rank in range(1, manifest.world_size):
+        for name in part_objects(rank):
+            info = manifest.objects.get(name)
+            if info is None:
+                msg = f"snapshot {manifest.name} has no {name} (part of rank {rank})"
+                raise SnapshotCorruptError(msg)
+            read_checksummed(
+                archive.storage,
+                manifest.name,
+                info,
+                manifest.checksum_algorithm,
+                [[0, info.size]],
+                [None],
+                name,
+            )

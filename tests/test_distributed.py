@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from resumable._archive import Archive
+from resumable._loading import list_snapshots
 from resumable._storage import Storage
 from tests.ranks import Job, started, wait_for_step
 
@@ -164,3 +165,18 @@ def test_hung_rank_stops_the_others_and_replicated_state_re_lays_out(
 
     assert [0, 0, 0] == codes, job.log()
     assert "re-laid out: snapshot=" in job.log()
+
+
+def test_ls_checks_every_rank_s_part(reference3: Path, tmp_path: Path) -> None:
+    """A flipped byte in rank 2's part makes that snapshot fail verification in ls."""
+    shutil.copytree(reference3 / "store", tmp_path / "store")
+    newest = max((tmp_path / "store").glob("step-*/data-rank00002.bin"))
+    damaged = bytearray(newest.read_bytes())
+    damaged[0] ^= 0xFF
+    newest.write_bytes(bytes(damaged))
+
+    rows = list_snapshots(str(tmp_path / "store"))
+
+    problems = {entry.name: problem for entry, problem in rows}
+    assert "checksum" in str(problems[newest.parent.name])
+    assert 1 == sum(problem is not None for problem in problems.values())
