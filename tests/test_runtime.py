@@ -229,7 +229,9 @@ def test_load_from_empty_storage_raises_no_snapshot_error():
         resumable.load(count, storage=memory_storage())
 
 
-@pytest.mark.parametrize("not_a_step", [count.function, None, "count"], ids=repr)
+@pytest.mark.parametrize(
+    "not_a_step", [count.function, None, "count"], ids=["function", "None", "name"]
+)
 def test_run_refuses_what_is_not_a_step(not_a_step):
     """run() takes only a @resumable.step function."""
     with pytest.raises(ConfigurationError, match=r"takes a @resumable\.step"):
