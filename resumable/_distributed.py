@@ -157,9 +157,7 @@ def join() -> Group | None:
         launched = launched_rank()
         if launched is None or launched[1] < 2:
             return None
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank())
+        backend = _backend()
         # The script's own collectives get the same bound: a hung rank does not
         # hold the others in a gradient's all-reduce either.
         bound = datetime.timedelta(seconds=_timeout())
@@ -185,6 +183,19 @@ def joined() -> Iterator[Group | None]:
 
 def _timeout() -> float:
     return env_float(DIST_TIMEOUT, 0.1) or _TIMEOUT
+
+
+def _backend() -> str:
+    """
+    Return the backend for a group set up here: gloo for CPU tensors, and nccl
+    for CUDA ones where this rank has a GPU of its own (then made current).
+    """
+    rank = local_rank()
+    if not torch.cuda.is_available() or rank >= torch.cuda.device_count():
+        return "gloo"
+    torch.cuda.set_device(rank)
+
+    return "cpu:gloo,cuda:nccl"
 
 
 def _gloo_group(seconds: float) -> Any:
