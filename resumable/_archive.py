@@ -430,7 +430,8 @@ class Archive:
                 "superseded: incarnation=%d, refused=%s", self.lease.number, action
             )
             if attempt is not None:
-                self.storage.delete_folder(attempt)
+                # A failure to delete is logged: being superseded is the news.
+                delete_attempt(self.storage, attempt)
             raise
 
     def _attempt(self, name: str) -> dict[str, Any] | None:

@@ -342,7 +342,10 @@ class Storage:
             # Invariant: the attempt record goes last, so that a folder left by a
             # kill in the middle still proves who made it, and is cleaned later.
             for name in names:
-                self.fs.rm_file(self.path(snapshot, name))
+                # Gone already where another process cleans the same attempt
+                # up (a newer incarnation, while this one was superseded).
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(self.path(snapshot, name))
             # Object stores have no folders; an empty one elsewhere goes too.
             with contextlib.suppress(FileNotFoundError, NotImplementedError):
                 self.fs.rmdir(folder)

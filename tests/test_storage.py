@@ -11,6 +11,7 @@ import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -309,3 +310,21 @@ def test_an_error_that_ends_a_sentence_is_not_given_a_second_full_stop() -> None
 
     assert "credentials. Give credentials" in message
     assert "credentials.." not in message
+
+
+def test_an_attempt_deleted_meanwhile_by_another_process_is_deleted(
+    storage_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files that vanish while a folder is deleted (another cleanup) are no error."""
+    storage = Storage.open(storage_url)
+    _attempt(storage)
+    remove = type(storage.fs).rm_file
+
+    def raced(fs: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        remove(fs, path, *args, **kwargs)  # the other process got there first
+        remove(fs, path, *args, **kwargs)
+
+    monkeypatch.setattr(type(storage.fs), "rm_file", raced)
+    storage.delete_folder(NAME)
+
+    assert {} == storage.sizes(NAME)
