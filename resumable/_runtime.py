@@ -233,10 +233,10 @@ class Runtime(Resuming[StateT]):
         )
         self.step.expose_script()
         if self.group is not None:
+            check_shared_storage(self.archive, self.group)
             logger.info(
                 "ranks joined: world_size=%d, storage shared", self.group.world_size
             )
-            check_shared_storage(self.archive, self.group)
         with self.preemption, _workers_shut_down(), self.saver.running():
             state = self.step.init()
             check_state(state, f"init() of {self.step.program}")
