@@ -281,32 +281,49 @@ class Archive:
             if explained is None:
                 raise
             raise explained from err.__cause__
-        manifest = Manifest(
+        manifest = self.new_manifest(
+            name,
+            step,
+            lineage,
+            objects,
+            started,
+            schema=schema,
+            inside_step=inside_step,
+            arguments=arguments,
+        )
+        self.commit(manifest)
+
+        return manifest
+
+    def new_manifest(
+        self,
+        name: str,
+        step: int,
+        lineage: tuple[str, int, int],
+        objects: dict[str, ObjectInfo],
+        started: float,
+        **details: Any,
+    ) -> Manifest:
+        """Return the manifest of an attempt whose objects are written."""
+        return Manifest(
             name=name,
             step=step,
             generation=lineage[1],
             lineage=lineage[0],
             lineage_start=lineage[2],
             program=self.program,
-            schema=schema,
             objects=objects,
             versions=current_versions(),
-            inside_step=inside_step,
             write_seconds=time.perf_counter() - started,
-            arguments=arguments,
             incarnation=self.lease.number if self.lease else 0,
             checksum_algorithm=CHECKSUM_ALGORITHM,
+            **details,
         )
-        self._check_lease("commit", name)
-        # Invariant: the manifest is written last, after every object is durable.
-        self.storage.commit(name, manifest.to_bytes())
 
-        return manifest
-
-    def commit_parts(self, manifest: Manifest) -> None:
-        """Commit a snapshot whose parts every rank wrote (see ``_parts``)."""
+    def commit(self, manifest: Manifest) -> None:
+        """Commit an attempt, this process's or every rank's (see ``_parts``)."""
         self._check_lease("commit", manifest.name)
-        # Invariant: the manifest is written last, after every part is durable.
+        # Invariant: the manifest is written last, after every object is durable.
         self.storage.commit(manifest.name, manifest.to_bytes())
 
     def _write_objects(

@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import attrs
 import torch
 
 from resumable._knobs import DIST_PIN_BUCKETS, env_int
+from resumable._rng import reachable
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +51,20 @@ def pin_buckets(state: Any) -> int:
     return pinned
 
 
-def find_ddp(value: Any, depth: int = 0) -> list[Any]:
+def find_ddp(value: Any) -> list[Any]:
     """
     Return the DDP modules reachable from a state through attrs fields, dicts,
     lists, tuples and modules (a compiled module's inner one included).
     """
-    if isinstance(value, torch.nn.Module):
-        return [
-            module
-            for module in value.modules()
-            if isinstance(module, torch.nn.parallel.DistributedDataParallel)
-        ]
-    if depth > 50:
-        return []
-    children: list[Any] = []
-    if attrs.has(type(value)):
-        children = [
-            getattr(value, field.name, None) for field in attrs.fields(type(value))
-        ]
-    elif type(value) in (list, tuple):
-        children = list(value)
-    elif isinstance(value, dict):
-        children = list(value.values())
-    found: list[Any] = []
-    for child in children:
-        for module in find_ddp(child, depth + 1):
-            if not any(module is known for known in found):
-                found.append(module)
-    return found
+    return reachable(value, _ddp_modules)
+
+
+def _ddp_modules(value: Any) -> list[Any] | None:
+    """The DDP modules in a module, or None to look inside other values."""
+    if not isinstance(value, torch.nn.Module):
+        return None
+    return [
+        module
+        for module in value.modules()
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    ]

@@ -35,7 +35,6 @@ from resumable._snapshot import (
     Payload,
     buffer_table,
     checksum,
-    current_versions,
     data_chunks,
     new_snapshot_name,
     part_objects,
@@ -94,24 +93,18 @@ def write_parts(
 
     def commit() -> Manifest:
         every = {key: info for part in results for key, info in part.items()}
-        manifest = Manifest(
-            name=name,
-            step=step,
-            generation=lineage[1],
-            lineage=lineage[0],
-            lineage_start=lineage[2],
-            program=archive.program,
-            objects=every,
-            versions=current_versions(),
-            write_seconds=time.perf_counter() - started,
-            incarnation=archive.lease.number if archive.lease else 0,
-            checksum_algorithm=CHECKSUM_ALGORITHM,
+        manifest = archive.new_manifest(
+            name,
+            step,
+            lineage,
+            every,
+            started,
             format_version=RANKS_FORMAT_VERSION,
             world_size=group.world_size,
             replicated=replicated,
             **details,
         )
-        archive.commit_parts(manifest)
+        archive.commit(manifest)
         return manifest
 
     return group.lead(commit, "the commit of a snapshot")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -57,17 +58,39 @@ def seed_global_rngs(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def find_generators(value: Any, depth: int = 0) -> list[Any]:
+def find_generators(value: Any) -> list[Any]:
     """
     Return the RNG objects reachable from a state through attrs fields, dicts,
     lists and tuples, in a fixed order.
     """
+    return reachable(
+        value, lambda found: [found] if isinstance(found, RNG_TYPES) else None
+    )
+
+
+def reachable(value: Any, pick: Callable[[Any], list[Any] | None]) -> list[Any]:
+    """
+    Return what ``pick`` finds in a state, walking attrs fields, dicts, lists and
+    tuples in a fixed order, each object once; where ``pick`` returns None, the
+    walk goes into the value.
+    """
+    found: list[Any] = []
+    _walk(value, pick, found, 0)
+
+    return found
+
+
+def _walk(
+    value: Any, pick: Callable[[Any], list[Any] | None], found: list[Any], depth: int
+) -> None:
     import attrs
 
-    if isinstance(value, RNG_TYPES):
-        return [value]
+    picked = pick(value)
+    if picked is not None:
+        found.extend(item for item in picked if not any(item is k for k in found))
+        return
     if depth > 50:
-        return []
+        return
     children: list[Any] = []
     if attrs.has(type(value)):
         children = [
@@ -77,12 +100,8 @@ def find_generators(value: Any, depth: int = 0) -> list[Any]:
         children = list(value)
     elif isinstance(value, dict):
         children = list(value.values())
-    found: list[Any] = []
     for child in children:
-        for generator in find_generators(child, depth + 1):
-            if not any(generator is known for known in found):
-                found.append(generator)
-    return found
+        _walk(child, pick, found, depth + 1)
 
 
 # Objects whose state find_generators() collects and the replay sets.
